@@ -1,0 +1,1 @@
+"""Benchmarks: presets, timing, the side-by-side variants and the result files."""

@@ -1,0 +1,111 @@
+"""The fused ops as functions, with input validation that names the problem.
+
+Every function checks its arguments here, in Python, so that bad input raises a ValueError or a
+TypeError naming the tensor and what is wrong with it, rather than failing inside a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .activations import Activation, resolve
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; fusedmlp needs a floating-point tensor")
+
+
+def check_inputs(x: Tensor, expected_last: int, **params: Tensor | None) -> None:
+    """Validate an MLP input against its parameters: dtype, last dimension, device, dtype match."""
+    _check_float("input", x)
+    if x.dim() == 0 or x.shape[-1] != expected_last:
+        raise ValueError(
+            f"input has shape {tuple(x.shape)}; expected the last dimension to be hidden_size={expected_last}"
+        )
+    for name, p in params.items():
+        if p is None:
+            continue
+        _check_float(name, p)
+        if p.device != x.device:
+            raise ValueError(f"input is on {x.device} but {name} is on {p.device}; move both to one device")
+        if p.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input has dtype {x.dtype} but {name} has dtype {p.dtype}; cast one of them "
+                "(or run under torch.autocast)"
+            )
+
+
+def gated_act(gate: Tensor, up: Tensor | None = None, activation: str | Activation = "silu") -> Tensor:
+    """h = act(gate) * up. With ``up=None``, ``gate`` is a merged [..., 2H] gate|up tensor."""
+    act = resolve(activation)
+    _check_float("gate", gate)
+    if up is None:
+        if gate.dim() == 0 or gate.shape[-1] % 2:
+            raise ValueError(
+                f"merged gate|up tensor must have an even last dimension, got {tuple(gate.shape)}"
+            )
+    else:
+        check_inputs(up, gate.shape[-1], gate=gate)
+        if up.shape != gate.shape:
+            raise ValueError(f"gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}")
+    return ops.gated_act(gate, up, act.value)
+
+
+def act(x: Tensor, activation: str | Activation = "gelu") -> Tensor:
+    """h = act(x)."""
+    a = resolve(activation)
+    _check_float("input", x)
+    return ops.act(x, a.value)
+
+
+def _check_weight(name: str, w: Tensor, shape: tuple[int, int]) -> None:
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}; expected {shape}")
+
+
+def gated_mlp(
+    x: Tensor,
+    gate_up_weight: Tensor,
+    gate_up_bias: Tensor | None,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    activation: str | Activation = "silu",
+) -> Tensor:
+    """y = down(act(gate(x)) * up(x)); gate|up is one [2H, D] weight, gate rows first."""
+    act_ = resolve(activation)
+    two_h, d = gate_up_weight.shape
+    check_inputs(
+        x,
+        d,
+        gate_up_weight=gate_up_weight,
+        gate_up_bias=gate_up_bias,
+        down_weight=down_weight,
+        down_bias=down_bias,
+    )
+    if two_h % 2:
+        raise ValueError(f"gate_up_weight has an odd number of rows ({two_h}); expected [2*H, D]")
+    _check_weight("down_weight", down_weight, (d, two_h // 2))
+    gate_up = F.linear(x, gate_up_weight, gate_up_bias)
+    return F.linear(ops.gated_act(gate_up, None, act_.value), down_weight, down_bias)
+
+
+def mlp(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    activation: str | Activation = "gelu",
+) -> Tensor:
+    """y = fc2(act(fc1(x)))."""
+    act_ = resolve(activation)
+    h, d = fc1_weight.shape
+    check_inputs(x, d, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    _check_weight("fc2_weight", fc2_weight, (fc2_weight.shape[0], h))
+    return F.linear(ops.act(F.linear(x, fc1_weight, fc1_bias), act_.value), fc2_weight, fc2_bias)

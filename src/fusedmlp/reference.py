@@ -1,0 +1,106 @@
+"""Eager references: every fused op written the obvious way in torch, plus the eager modules.
+
+Tests compare the kernels against these (run in float64 for the ground truth), benchmarks use
+the modules as the "eager" variant, and ``ops.py`` falls back to these functions on devices and
+dtypes the Triton kernels do not cover.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import Activation, act_derivative, act_forward, resolve
+
+
+def split_gate_up(gate_up: Tensor) -> tuple[Tensor, Tensor]:
+    """Views of the gate and up halves of a merged [..., 2H] gate|up tensor (gate first)."""
+    return gate_up.chunk(2, dim=-1)
+
+
+def gated_act(gate: Tensor, up: Tensor, activation: str | Activation) -> Tensor:
+    """h = act(gate) * up."""
+    return act_forward(activation, gate) * up
+
+
+def gated_act_backward(
+    grad_h: Tensor, gate: Tensor, up: Tensor, activation: str | Activation
+) -> tuple[Tensor, Tensor]:
+    """(d gate, d up) of h = act(gate) * up."""
+    return grad_h * up * act_derivative(activation, gate), grad_h * act_forward(activation, gate)
+
+
+def act_backward(grad_h: Tensor, x: Tensor, activation: str | Activation) -> Tensor:
+    """d x of h = act(x)."""
+    return grad_h * act_derivative(activation, x)
+
+
+def gated_mlp(
+    x: Tensor,
+    gate_up_weight: Tensor,
+    gate_up_bias: Tensor | None,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    activation: str | Activation,
+) -> Tensor:
+    """y = down(act(gate(x)) * up(x)) with gate|up stored as one [2H, D] weight (gate rows first)."""
+    gate, up = split_gate_up(F.linear(x, gate_up_weight, gate_up_bias))
+    return F.linear(gated_act(gate, up, activation), down_weight, down_bias)
+
+
+def mlp(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    activation: str | Activation,
+) -> Tensor:
+    """y = fc2(act(fc1(x)))."""
+    return F.linear(act_forward(activation, F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+class GatedMLP(nn.Module):
+    """The eager gated MLP of Llama/Gemma/Mistral: 3 GEMMs, the activation and the multiply."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **kw)
+        self.activation = resolve(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(act_forward(self.activation, self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """The eager GPT-2/BERT/ViT MLP: fc1, the activation, fc2."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "gelu",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias, **kw)
+        self.activation = resolve(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(act_forward(self.activation, self.fc1(x)))
