@@ -7,7 +7,6 @@ TypeError naming the tensor and what is wrong with it, rather than failing insid
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -69,6 +68,33 @@ def _check_weight(name: str, w: Tensor, shape: tuple[int, int]) -> None:
         raise ValueError(f"{name} has shape {tuple(w.shape)}; expected {shape}")
 
 
+def _unit_cols(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _run_mlp(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    act: Activation,
+    gated: bool,
+) -> Tensor:
+    """Flatten to 2-D, apply autocast's dtype by hand (custom ops are opaque to autocast), run."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
+        b_in = b_in.to(dt) if b_in is not None else None
+        b_out = b_out.to(dt) if b_out is not None else None
+    lead = x.shape[:-1]
+    x2 = _unit_cols(x.reshape(-1, x.shape[-1]))
+    params = (w_in, b_in, w_out, b_out)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    y, _ = ops.mlp(x2, _unit_cols(w_in), b_in, _unit_cols(w_out), b_out, act.value, gated, save)
+    return y.view(*lead, w_out.shape[0])
+
+
 def gated_mlp(
     x: Tensor,
     gate_up_weight: Tensor,
@@ -90,9 +116,8 @@ def gated_mlp(
     )
     if two_h % 2:
         raise ValueError(f"gate_up_weight has an odd number of rows ({two_h}); expected [2*H, D]")
-    _check_weight("down_weight", down_weight, (d, two_h // 2))
-    gate_up = F.linear(x, gate_up_weight, gate_up_bias)
-    return F.linear(ops.gated_act(gate_up, None, act_.value), down_weight, down_bias)
+    _check_weight("down_weight", down_weight, (down_weight.shape[0], two_h // 2))
+    return _run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, gated=True)
 
 
 def mlp(
@@ -108,4 +133,4 @@ def mlp(
     h, d = fc1_weight.shape
     check_inputs(x, d, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
     _check_weight("fc2_weight", fc2_weight, (fc2_weight.shape[0], h))
-    return F.linear(ops.act(F.linear(x, fc1_weight, fc1_bias), act_.value), fc2_weight, fc2_bias)
+    return _run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, gated=False)

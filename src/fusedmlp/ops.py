@@ -19,8 +19,9 @@ from .activations import resolve
 
 try:
     from .kernels import gated_act as _k_act
+    from .kernels import gemm_act as _k_gemm
 except ImportError:  # no triton on this platform: everything runs the reference path
-    _k_act = None
+    _k_act = _k_gemm = None  # type: ignore[assignment]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -172,3 +173,128 @@ def _act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
 
 
 act.register_autograd(_act_bwd, setup_context=_act_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole MLP: y = out(act(in_gate(x)) * in_up(x)) (gated) or y = out(act(in(x)))
+#
+# Forward: one Triton GEMM with the activation in its epilogue writes h (and, for training, the
+# pre-activation gate|up that the backward needs), then cuBLAS for the output projection.
+# Backward: dh = dy @ W_out (cuBLAS); one pointwise kernel turns dh and the saved pre-activation
+# into d(gate|up), written in the merged layout, and recomputes h for W_out's gradient; then
+# dx = d(gate|up) @ W_in and dW_in = d(gate|up)^T @ x are one GEMM each over the merged layout.
+# Saved for backward: x and gate|up ([M, D + 2H] elements), not h or act(gate).
+# ---------------------------------------------------------------------------------------------
+
+
+def _mlp_reference(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, act: Any, gated: bool
+) -> tuple[Tensor, Tensor]:
+    pre = torch.nn.functional.linear(x, w_in, b_in)
+    h = reference.gated_act(*reference.split_gate_up(pre), act) if gated else act(pre)
+    return h, pre
+
+
+@torch.library.custom_op("fusedmlp::mlp", mutates_args=())
+def mlp(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    activation: str,
+    gated: bool,
+    save_preact: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y, pre) for 2-D x [M, D]; ``pre`` is the gate|up pre-activation when ``save_preact``
+    (training), else an empty tensor."""
+    act = resolve(activation)
+    if use_triton(x, w_in, b_in, w_out, b_out):
+        h, pre = _k_gemm.gemm_act(
+            x,
+            w_in,
+            b_in,
+            act,
+            gated,
+            store_preact=save_preact,
+            allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
+    else:
+        h, pre = _mlp_reference(x, w_in, b_in, act, gated)
+    y = torch.nn.functional.linear(h, w_out, b_out)
+    return y, (pre if save_preact and pre is not None else x.new_empty(0))
+
+
+@mlp.register_fake
+def _(x, w_in, b_in, w_out, b_out, activation, gated, save_preact):  # type: ignore[no-untyped-def]
+    pre = x.new_empty(x.shape[0], w_in.shape[0]) if save_preact else x.new_empty(0)
+    return x.new_empty(x.shape[0], w_out.shape[0]), pre
+
+
+@torch.library.custom_op("fusedmlp::mlp_backward", mutates_args=())
+def mlp_backward(
+    dy: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    pre: Tensor,
+    activation: str,
+    gated: bool,
+    has_b_in: bool,
+    has_b_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; absent biases get empty gradients."""
+    act = resolve(activation)
+    dh = dy @ w_out
+    if use_triton(dy, pre):
+        dpre = torch.empty_like(pre)
+        h = torch.empty_like(dh)
+        if gated:
+            H = dh.shape[1]
+            _k_act.act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h)
+        else:
+            _k_act.act_backward(dh, pre, None, act, dpre, None, h)
+    elif gated:
+        g, u = reference.split_gate_up(pre)
+        dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
+        h = reference.gated_act(g, u, act)
+    else:
+        dpre, h = reference.act_backward(dh, pre, act), act(pre)
+    return (
+        dpre @ w_in,
+        dpre.t() @ x,
+        dpre.sum(0) if has_b_in else x.new_empty(0),
+        dy.t() @ h,
+        dy.sum(0) if has_b_out else x.new_empty(0),
+    )
+
+
+@mlp_backward.register_fake
+def _(dy, x, w_in, w_out, pre, activation, gated, has_b_in, has_b_out):  # type: ignore[no-untyped-def]
+    return (
+        x.new_empty(x.shape),
+        w_in.new_empty(w_in.shape),
+        w_in.new_empty(w_in.shape[0]) if has_b_in else x.new_empty(0),
+        w_out.new_empty(w_out.shape),
+        w_out.new_empty(w_out.shape[0]) if has_b_out else x.new_empty(0),
+    )
+
+
+def _mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, w_in, b_in, w_out, b_out, activation, gated, save_preact = inputs
+    ctx.meta = (activation, gated, b_in is not None, b_out is not None, save_preact)
+    ctx.save_for_backward(x, w_in, w_out, output[1])
+
+
+def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor) -> tuple[Tensor | None, ...]:
+    activation, gated, has_b_in, has_b_out, save_preact = ctx.meta
+    if not save_preact:
+        raise RuntimeError("fusedmlp::mlp ran with save_preact=False, so it cannot run backward")
+    x, w_in, w_out, pre = ctx.saved_tensors
+    dx, dw_in, db_in, dw_out, db_out = mlp_backward(
+        dy.contiguous(), x, w_in, w_out, pre, activation, gated, has_b_in, has_b_out
+    )
+    return (dx, dw_in, db_in if has_b_in else None, dw_out, db_out if has_b_out else None, None, None, None)
+
+
+mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)

@@ -48,14 +48,15 @@ def _act_fwd_kernel(
 
 @triton.jit
 def _act_bwd_kernel(
-    # pointers
-    dh_ptr, x_ptr, up_ptr, dx_ptr, dup_ptr,
+    # pointers; h_ptr receives the recomputed forward output when STORE_H
+    dh_ptr, x_ptr, up_ptr, dx_ptr, dup_ptr, h_ptr,
     # sizes
     M, N,
     # row strides (columns are unit-stride)
-    stride_dhm, stride_xm, stride_um, stride_dxm, stride_dum,
+    stride_dhm, stride_xm, stride_um, stride_dxm, stride_dum, stride_hm,
     # meta
-    ACT: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,8 +70,12 @@ def _act_bwd_kernel(
         u = tl.load(up_ptr + rows * stride_um + cols, mask=mask).to(tl.float32)
         a, dx = apply_act_bwd(x, dh * u, ACT)
         tl.store(dup_ptr + rows * stride_dum + cols, to_storage(dh * a, dup_ptr.dtype.element_ty), mask=mask)
+        if STORE_H:
+            tl.store(h_ptr + rows * stride_hm + cols, to_storage(a * u, h_ptr.dtype.element_ty), mask=mask)
     else:
         a, dx = apply_act_bwd(x, dh, ACT)
+        if STORE_H:
+            tl.store(h_ptr + rows * stride_hm + cols, to_storage(a, h_ptr.dtype.element_ty), mask=mask)
     tl.store(dx_ptr + rows * stride_dxm + cols, to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -111,11 +116,18 @@ def act_forward(x: Tensor, up: Tensor | None, activation: Activation, out: Tenso
 
 
 def act_backward(
-    dh: Tensor, x: Tensor, up: Tensor | None, activation: Activation, dx: Tensor, dup: Tensor | None
+    dh: Tensor,
+    x: Tensor,
+    up: Tensor | None,
+    activation: Activation,
+    dx: Tensor,
+    dup: Tensor | None,
+    h: Tensor | None = None,
 ) -> None:
-    """Writes dx (and dup when gated) of h = act(x) * up given dh; all 2-D views [M, N]."""
+    """Writes dx (and dup when gated) of h = act(x) * up given dh, and h itself when given
+    (the training backward needs it for the down-projection's weight gradient); 2-D views [M, N]."""
     M, N = x.shape
-    for name, t in (("dh", dh), ("x", x), ("up", up), ("dx", dx), ("dup", dup)):
+    for name, t in (("dh", dh), ("x", x), ("up", up), ("dx", dx), ("dup", dup), ("h", h)):
         if t is not None:
             _check_rows(name, t, M, N)
     if (up is None) != (dup is None):
@@ -125,9 +137,10 @@ def act_backward(
     block_m, block_n, warps = _blocks(N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _act_bwd_kernel[grid](
-        dh, x, x if up is None else up, dx, dx if dup is None else dup,
+        dh, x, x if up is None else up, dx, dx if dup is None else dup, dx if h is None else h,
         M, N,
         dh.stride(0), x.stride(0), 0 if up is None else up.stride(0), dx.stride(0),
-        0 if dup is None else dup.stride(0),
-        ACT=activation.code, GATED=up is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        0 if dup is None else dup.stride(0), 0 if h is None else h.stride(0),
+        ACT=activation.code, GATED=up is not None, STORE_H=h is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps,
     )

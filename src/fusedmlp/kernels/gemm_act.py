@@ -1,0 +1,273 @@
+"""GEMM with the (gated) activation in its epilogue: h = act(x @ Wg^T + bg) * (x @ Wu^T + bu).
+
+Design limit: one pass over x and the merged gate|up weight W [2N, K] (gate rows first, the
+module's own layout), two fp32 accumulators per output tile (gate and up columns n..n+BN), the
+bias, activation and product applied in registers, and only h [M, N] written: the
+[M, 2N] gate|up intermediate never reaches memory unless the caller asks for it (training saves
+it for the backward: ``store_preact``). With ``gated=False`` the same kernel computes
+h = act(x @ W^T + b) for FusedMLP.
+
+Loads: on Hopper through TMA tensor descriptors (the copy engine fills shared memory, no address
+arithmetic in the main loop); elsewhere through pointers (Ampere, and bf16 under Triton's CPU
+interpreter, whose descriptor emulation returns garbage for bf16 as of Triton 3.9). The grid is
+persistent for large M (one program per SM walking tiles in grouped order so that GROUP_M row
+blocks reuse the same weight columns from L2) and one program per tile for decode-sized M.
+Autotuned per (M bucket, N, K): a new M inside a bucket never re-tunes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..activations import Activation
+from .activation import apply_act
+from .common import mma, to_storage
+
+try:  # Triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer path only
+    TensorDescriptor = None
+
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M consecutive row blocks sweep the column blocks together."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _gemm_act_kernel(
+    # tensors: x [M, K]; w [2N, K] gate|up (or [N, K] when not GATED); bias like w's rows;
+    # h [M, N]; pre [M, 2N] (or [M, N]) receives gate|up before the activation when STORE_PRE
+    x, w, bias_ptr, h_ptr, pre_ptr,
+    # sizes
+    M, N, K,
+    M_BUCKET,  # autotune key only
+    # strides (rows; columns are unit-stride). x and w strides serve the pointer path only
+    stride_xm, stride_wn, stride_hm, stride_pm,
+    # meta
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # read by the launcher's grid only
+):
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not USE_TMA:
+            # Out-of-range rows are clamped to row 0 rather than masked, so the loads stay full
+            # width; their results land in rows/columns the epilogue does not store.
+            rm = off_m + tl.arange(0, BLOCK_M)
+            rn = off_n + tl.arange(0, BLOCK_N)
+            rm = tl.where(rm < M, rm, 0).to(tl.int64)
+            rn = tl.where(rn < N, rn, 0).to(tl.int64)
+            x_ptrs = x + rm[:, None] * stride_xm + rk[None, :]
+            wg_ptrs = w + rn[:, None] * stride_wn + rk[None, :]
+            wu_ptrs = wg_ptrs + N * stride_wn
+        for kt in range(k_tiles):
+            k0 = kt * BLOCK_K
+            if USE_TMA:
+                a = x.load([off_m, k0])
+                bg = w.load([off_n, k0])
+                if GATED:
+                    bu = w.load([N + off_n, k0])
+            else:
+                k_ok = rk[None, :] < K - k0
+                a = tl.load(x_ptrs, mask=k_ok, other=0.0)
+                bg = tl.load(wg_ptrs, mask=k_ok, other=0.0)
+                if GATED:
+                    bu = tl.load(wu_ptrs, mask=k_ok, other=0.0)
+                x_ptrs += BLOCK_K
+                wg_ptrs += BLOCK_K
+                wu_ptrs += BLOCK_K
+            acc_g = mma(a, bg.T, acc_g, DOT_PRECISION)
+            if GATED:
+                acc_u = mma(a, bu.T, acc_u, DOT_PRECISION)
+
+        # epilogue: bias, optional pre-activation store, activation (and product), one store of h
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)[:, None]
+        if HAS_BIAS:
+            acc_g += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_u += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            pre = pre_ptr + rows * stride_pm + cols[None, :]
+            tl.store(pre, to_storage(acc_g, pre_ptr.dtype.element_ty), mask=mask)
+            if GATED:
+                tl.store(pre + N, to_storage(acc_u, pre_ptr.dtype.element_ty), mask=mask)
+        h = apply_act(acc_g, ACT)
+        if GATED:
+            h = h * acc_u
+        tl.store(h_ptr + rows * stride_hm + cols[None, :], to_storage(h, h_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+
+
+def m_bucket(M: int) -> int:
+    """Autotune bucket of M: powers of two up to 16384 (decode sizes get their own buckets)."""
+    return min(triton.next_power_of_2(max(M, 1)), 16384)
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, persistent: bool,
+         group: int = 8) -> triton.Config:
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent}
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+# Large M: 128x128 tiles with two accumulators are a 128x256 GEMM tile per program, the shape
+# cuBLAS picks for these problems (nvjet ..._256x128_64x4_...); the non-gated kernel gets the
+# same work as one 128x256 tile. Small M (decode) is weight-bandwidth-bound: small BLOCK_M,
+# narrow BLOCK_N for enough programs to fill 132 SMs, deep K pipelines to keep loads in flight.
+_PREFILL = [
+    _cfg(128, 128, 64, 8, 3, True),
+    _cfg(128, 128, 64, 8, 4, True),
+    _cfg(128, 128, 64, 8, 3, False),
+    _cfg(128, 256, 64, 8, 3, True),
+    _cfg(128, 64, 64, 4, 4, True),
+    _cfg(64, 128, 64, 4, 4, True),
+]
+_DECODE = [
+    _cfg(bm, bn, bk, 4, stages, False, group=1)
+    for bm in (16, 32, 64)
+    for bn, bk, stages in ((32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4))
+]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    mb = named_args["M_BUCKET"]
+    gated = kwargs.get("GATED", named_args.get("GATED"))
+    if mb <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == max(16, mb)]
+    else:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+        # two accumulators of 128x256 would spill: the 128x256 tile is for the non-gated kernel
+        keep = [c for c in keep if not (gated and c.kwargs["BLOCK_N"] > 128)]
+    return keep or configs[:1]
+
+
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """TMA descriptors carry their block shape, which depends on the config being tried."""
+    if nargs["USE_TMA"]:
+        nargs["x"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["w"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _with_hook(cfgs: list[triton.Config]) -> list[triton.Config]:
+    for c in cfgs:
+        c.pre_hook = _set_descriptor_blocks
+    return cfgs
+
+
+# Tuning results persist on disk across processes where this Triton can (cache_results, 3.3+).
+_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+_CACHE_KW = {"cache_results": True} if _CAN_CACHE else {}
+_autotuned = triton.autotune(
+    configs=_with_hook(_PREFILL + _DECODE),
+    key=["M_BUCKET", "N", "K", "GATED", "HAS_BIAS", "STORE_PRE", "USE_TMA"],
+    prune_configs_by={"early_config_prune": _prune},
+    **_CACHE_KW,
+)(_gemm_act_kernel)
+
+# Under the interpreter: one small fixed config (autotuning there would time numpy).
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tma_ok(x: Tensor, w: Tensor) -> bool:
+    """TMA needs Hopper (or the interpreter, except for bf16), 16-byte aligned bases and row strides."""
+    if TensorDescriptor is None:
+        return False
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif x.dtype == torch.bfloat16:
+        return False
+    es = x.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x, w))
+
+
+def gemm_act(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    activation: Activation,
+    gated: bool,
+    store_preact: bool = False,
+    allow_tf32: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(h, pre): h = act(x @ Wg^T + bg) * (x @ Wu^T + bu) when ``gated`` (w = [Wg; Wu]), else
+    h = act(x @ W^T + b); ``pre`` = x @ w^T + bias when ``store_preact``, else None.
+
+    x [M, K] and w [rows, K] must have unit-stride columns; fp32 inputs use TF32 only when
+    ``allow_tf32``.
+    """
+    M, K = x.shape
+    rows, k_w = w.shape
+    if k_w != K:
+        raise ValueError(f"x has {K} columns but the weight has {k_w}")
+    if gated and rows % 2:
+        raise ValueError(f"gated weight needs an even number of rows, got {rows}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("x and w need unit-stride columns")
+    N = rows // 2 if gated else rows
+    h = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    pre = torch.empty((M, rows), dtype=x.dtype, device=x.device) if store_preact else None
+    if M == 0 or N == 0:
+        return h, pre
+    if K == 0:
+        raise ValueError("K = 0: nothing to multiply")
+    use_tma = _tma_ok(x, w)
+    xa: object = x
+    wa: object = w
+    if use_tma:  # block shapes are set per config by _set_descriptor_blocks
+        xa = TensorDescriptor.from_tensor(x, [16, 16])
+        wa = TensorDescriptor.from_tensor(w, [16, 16])
+    args = (
+        xa, wa, bias if bias is not None else w, h, pre if pre is not None else h,
+        M, N, K, m_bucket(M),
+        x.stride(0), w.stride(0), h.stride(0), (pre if pre is not None else h).stride(0),
+    )
+    ieee = x.dtype == torch.float32 and not allow_tf32
+    meta = {
+        "ACT": activation.code, "GATED": gated, "HAS_BIAS": bias is not None, "STORE_PRE": store_preact,
+        "USE_TMA": use_tma, "DOT_PRECISION": "ieee" if ieee else "tf32",
+    }
+
+    def grid(cfg: dict) -> tuple[int]:
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, _num_sms(x.device.index or 0)) if cfg["PERSISTENT"] and x.is_cuda else tiles,)
+
+    if x.is_cuda:
+        _autotuned[grid](*args, **meta)
+    else:
+        cfg = _INTERPRETER_CONFIG
+        _set_descriptor_blocks({"x": xa, "w": wa, **meta, **cfg})
+        _gemm_act_kernel[(min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4),)](*args, **meta, **cfg)
+    return h, pre

@@ -1,0 +1,75 @@
+"""The GEMM with the activation in its epilogue, called directly (both load paths)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, assert_contract
+
+from fusedmlp import ops, reference
+from fusedmlp.activations import Activation
+
+gemm = pytest.importorskip("fusedmlp.kernels.gemm_act")
+
+
+def _eager(x, w, b, act, gated):
+    pre = F.linear(x, w, b)
+    return (reference.gated_act(*pre.chunk(2, -1), act) if gated else act(pre)), pre
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (37, 72, 50), (70, 43, 33), (5, 128, 96)])
+def test_gemm_act_contract(M, K, N, bias, gated, dtype):
+    act = Activation.GELU_TANH if gated else Activation.SILU
+    rows = 2 * N if gated else N
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    w = (torch.randn(rows, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(rows, device=DEVICE).to(dtype) if bias else None
+    h, pre = gemm.gemm_act(x, w, b, act, gated, store_preact=True)
+    e_h, e_pre = _eager(x, w, b, act, gated)
+    r_h, r_pre = _eager(x.double(), w.double(), b.double() if bias else None, act, gated)
+    print("TMA path" if gemm._tma_ok(x, w) else "pointer path")
+    assert_contract("h", h, e_h, r_h)
+    assert_contract("pre", pre, e_pre, r_pre)
+
+
+def test_both_load_paths_are_exercised():
+    x16 = torch.randn(4, 64, device=DEVICE, dtype=torch.float16)
+    assert gemm._tma_ok(x16, torch.randn(8, 64, device=DEVICE, dtype=torch.float16))
+    x_odd = torch.randn(4, 43, device=DEVICE, dtype=torch.float16)
+    assert not gemm._tma_ok(x_odd, torch.randn(8, 43, device=DEVICE, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_strided_rows_and_poisoned_output(dtype):
+    """x as a row window of a wider buffer (row stride != K); every output element written."""
+    M, K, N = 45, 64, 70
+    big = torch.randn(M, K + 24, device=DEVICE).to(dtype)
+    x = big[:, 8 : 8 + K]
+    w = (torch.randn(2 * N, K, device=DEVICE) / 8).to(dtype)
+    h, _ = gemm.gemm_act(x, w, None, Activation.SILU, gated=True)
+    assert not torch.isnan(h).any()
+    e_h, _ = _eager(x, w, None, Activation.SILU, True)
+    r_h, _ = _eager(x.double(), w.double(), None, Activation.SILU, True)
+    assert_contract("h", h, e_h, r_h)
+
+
+def test_empty_and_bad_shapes():
+    w = torch.randn(8, 16, device=DEVICE)
+    h, pre = gemm.gemm_act(torch.randn(0, 16, device=DEVICE), w, None, Activation.RELU, True, True)
+    assert h.shape == (0, 4) and pre.shape == (0, 8)
+    with pytest.raises(ValueError, match="columns"):
+        gemm.gemm_act(torch.randn(3, 15, device=DEVICE), w, None, Activation.RELU, True)
+    with pytest.raises(ValueError, match="even number of rows"):
+        gemm.gemm_act(torch.randn(3, 16, device=DEVICE), w[:7], None, Activation.RELU, True)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_mlp_opcheck(gated):
+    D, H = 16, 24
+    x = torch.randn(5, D, device=DEVICE, requires_grad=True)
+    w_in = torch.randn(2 * H if gated else H, D, device=DEVICE, requires_grad=True)
+    b_in = torch.randn(w_in.shape[0], device=DEVICE, requires_grad=True)
+    w_out = torch.randn(D, H, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.mlp, (x, w_in, b_in, w_out, None, "gelu_tanh", gated, True))
