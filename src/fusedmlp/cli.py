@@ -73,7 +73,9 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[bold]{p.name}[/bold] M={p.tokens}")
             cases.append(run.run_case(p, dtype, variants, peaks, train=args.train))
             console.print(report.case_table(cases[-1]))
-    record = {"env": run.environment(), "peaks": vars(peaks), "cases": cases}
+    record = {"env": run.environment(), "peaks": vars(peaks), "cases": cases, "tuned": run.tuned_configs()}
+    for key, cfg in record["tuned"].items():
+        console.print(f"autotuned {key}: {cfg}")
     path = run.save(record, Path(args.out))
     report.write_markdown(record, path.with_suffix(".md"))
     report.plot(record, path.with_suffix(".png"))

@@ -214,6 +214,14 @@ def run_case(
     }
 
 
+def tuned_configs() -> dict[str, str]:
+    try:
+        from ..kernels.gemm_act import chosen_configs
+    except ImportError:
+        return {}
+    return chosen_configs()
+
+
 def environment() -> dict[str, Any]:
     import triton
 

@@ -59,12 +59,13 @@ def _gemm_act_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,  # read by the launcher's grid only
+    PERSISTENT: tl.constexpr,  # one program per SM walking the tiles (else one per tile)
+    WARP_SPEC: tl.constexpr,  # producer/consumer warp specialisation of the K loop
 ):
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
         pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -80,7 +81,7 @@ def _gemm_act_kernel(
             x_ptrs = x + rm[:, None] * stride_xm + rk[None, :]
             wg_ptrs = w + rn[:, None] * stride_wn + rk[None, :]
             wu_ptrs = wg_ptrs + N * stride_wn
-        for kt in range(k_tiles):
+        for kt in tl.range(k_tiles, warp_specialize=WARP_SPEC):
             k0 = kt * BLOCK_K
             if USE_TMA:
                 a = x.load([off_m, k0])
@@ -132,39 +133,61 @@ def m_bucket(M: int) -> int:
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, persistent: bool,
-         group: int = 8) -> triton.Config:
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent}
+         group: int = 8, ws: bool = False) -> triton.Config:
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent,
+          "WARP_SPEC": ws}
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
-# Large M: 128x128 tiles with two accumulators are a 128x256 GEMM tile per program, the shape
-# cuBLAS picks for these problems (nvjet ..._256x128_64x4_...); the non-gated kernel gets the
-# same work as one 128x256 tile. Small M (decode) is weight-bandwidth-bound: small BLOCK_M,
-# narrow BLOCK_N for enough programs to fill 132 SMs, deep K pipelines to keep loads in flight.
+_SMEM_BYTES = 220 * 1024  # H100: 227 KB per block, less the epilogue's scratch
+
+
+def smem_bytes(cfg: triton.Config, elem_bytes: int, gated: bool) -> int:
+    """Shared memory of the K pipeline: x and one or two weight tiles per stage."""
+    k = cfg.kwargs
+    return (k["BLOCK_M"] + (2 if gated else 1) * k["BLOCK_N"]) * k["BLOCK_K"] * elem_bytes * cfg.num_stages
+
+
+# Large M, from the sweep in benchmarks/gemm_sweep.py (H100, bf16, 2026-11-25): 128x128x64,
+# 3 stages, 8 warps, one program per tile is the best gated config (geglu-article 141 us vs 157
+# persistent; 4 warps spill the two 128x128 fp32 accumulators and run 4-5x slower, so none are
+# listed). The non-gated kernel does the same work as one 128x256 tile, best persistent (84 us).
 _PREFILL = [
-    _cfg(128, 128, 64, 8, 3, True),
-    _cfg(128, 128, 64, 8, 4, True),
     _cfg(128, 128, 64, 8, 3, False),
+    _cfg(128, 128, 64, 8, 3, False, ws=True),
+    _cfg(128, 128, 64, 8, 4, False, ws=True),
+    _cfg(128, 128, 64, 8, 3, True),
     _cfg(128, 256, 64, 8, 3, True),
-    _cfg(128, 64, 64, 4, 4, True),
-    _cfg(64, 128, 64, 4, 4, True),
+    _cfg(128, 256, 64, 8, 4, True),
 ]
+# Small M (decode) is weight-bandwidth-bound: BLOCK_M=16 (the smallest MMA), narrow BLOCK_N for
+# enough programs to fill 132 SMs, long K tiles and 3-4 stages to keep loads in flight:
+# 16x32x256 and 16x64x256 ran at 0.97-0.98x cuBLAS's time for the same GEMM at M=1 and M=16.
 _DECODE = [
     _cfg(bm, bn, bk, 4, stages, False, group=1)
     for bm in (16, 32, 64)
-    for bn, bk, stages in ((32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4))
+    for bn, bk, stages in ((32, 256, 4), (64, 256, 3), (64, 128, 6), (128, 128, 4))
 ]
+_FALLBACK = _cfg(64, 64, 32, 4, 2, False)  # fits any dtype (fp32 included)
+
+
+def chosen_configs() -> dict[str, str]:
+    """The autotuner's pick per key, for benchmark records."""
+    return {str(k): str(v) for k, v in getattr(_autotuned, "cache", {}).items()}
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     mb = named_args["M_BUCKET"]
-    gated = kwargs.get("GATED", named_args.get("GATED"))
+    gated = bool(kwargs.get("GATED", named_args.get("GATED")))
+    elem = named_args["h_ptr"].element_size()
+    configs = [c for c in configs if smem_bytes(c, elem, gated) <= _SMEM_BYTES] or [_FALLBACK]
     if mb <= 64:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] == max(16, mb)]
     else:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
         # two accumulators of 128x256 would spill: the 128x256 tile is for the non-gated kernel
         keep = [c for c in keep if not (gated and c.kwargs["BLOCK_N"] > 128)]
+        keep = [c for c in keep if gated or c.kwargs["BLOCK_N"] > 128 or c.kwargs["WARP_SPEC"]]
     return keep or configs[:1]
 
 
@@ -192,7 +215,8 @@ _autotuned = triton.autotune(
 )(_gemm_act_kernel)
 
 # Under the interpreter: one small fixed config (autotuning there would time numpy).
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
+                       "WARP_SPEC": False}
 
 # Tests set this False to skip tuning every odd shape they try; the first config of the bucket's
 # regime runs instead.
@@ -225,12 +249,13 @@ def gemm_act(
     gated: bool,
     store_preact: bool = False,
     allow_tf32: bool = False,
+    config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(h, pre): h = act(x @ Wg^T + bg) * (x @ Wu^T + bu) when ``gated`` (w = [Wg; Wu]), else
     h = act(x @ W^T + b); ``pre`` = x @ w^T + bias when ``store_preact``, else None.
 
     x [M, K] and w [rows, K] must have unit-stride columns; fp32 inputs use TF32 only when
-    ``allow_tf32``.
+    ``allow_tf32``. ``config`` forces a kernel config on CUDA (no autotuning).
     """
     M, K = x.shape
     rows, k_w = w.shape
@@ -268,10 +293,10 @@ def gemm_act(
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
         return (min(tiles, _num_sms(x.device.index or 0)) if cfg["PERSISTENT"] and x.is_cuda else tiles,)
 
-    if x.is_cuda and AUTOTUNE:
+    if x.is_cuda and AUTOTUNE and config is None:
         _autotuned[grid](*args, **meta)
     elif x.is_cuda:
-        cfg = _prune(_PREFILL + _DECODE, {"M_BUCKET": m_bucket(M)}, GATED=gated)[0]
+        cfg = config or _prune(_PREFILL + _DECODE, {"M_BUCKET": m_bucket(M), "h_ptr": h}, GATED=gated)[0]
         _set_descriptor_blocks({"x": xa, "w": wa, **meta, **cfg.kwargs})
         launch = _gemm_act_kernel[grid(cfg.kwargs)]
         launch(*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
