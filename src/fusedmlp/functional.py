@@ -90,8 +90,12 @@ def _run_mlp(
     lead = x.shape[:-1]
     x2 = _unit_cols(x.reshape(-1, x.shape[-1]))
     params = (w_in, b_in, w_out, b_out)
+    w_in, w_out = _unit_cols(w_in), _unit_cols(w_out)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    y, _ = ops.mlp(x2, _unit_cols(w_in), b_in, _unit_cols(w_out), b_out, act.value, gated, save)
+    if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
+        y, _ = ops.mlp(x2, w_in, b_in, w_out, b_out, act.value, gated, save)
+    else:  # eager: the same implementation through a cheaper autograd.Function
+        y = ops.MLPFunction.apply(x2, w_in, b_in, w_out, b_out, act.value, gated, save)
     return y.view(*lead, w_out.shape[0])
 
 

@@ -195,8 +195,7 @@ def _mlp_reference(
     return h, pre
 
 
-@torch.library.custom_op("fusedmlp::mlp", mutates_args=())
-def mlp(
+def mlp_forward(
     x: Tensor,
     w_in: Tensor,
     b_in: Tensor | None,
@@ -205,9 +204,8 @@ def mlp(
     activation: str,
     gated: bool,
     save_preact: bool,
-) -> tuple[Tensor, Tensor]:
-    """(y, pre) for 2-D x [M, D]; ``pre`` is the gate|up pre-activation when ``save_preact``
-    (training), else an empty tensor."""
+) -> tuple[Tensor, Tensor | None]:
+    """(y, pre or None) for 2-D x [M, D]: the implementation behind :func:`mlp`."""
     act = resolve(activation)
     if use_triton(x, w_in, b_in, w_out, b_out):
         h, pre = _k_gemm.gemm_act(
@@ -221,8 +219,91 @@ def mlp(
         )
     else:
         h, pre = _mlp_reference(x, w_in, b_in, act, gated)
-    y = torch.nn.functional.linear(h, w_out, b_out)
-    return y, (pre if save_preact and pre is not None else x.new_empty(0))
+    return torch.nn.functional.linear(h, w_out, b_out), (pre if save_preact else None)
+
+
+def mlp_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    pre: Tensor,
+    activation: str,
+    gated: bool,
+    has_b_in: bool,
+    has_b_out: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`."""
+    act = resolve(activation)
+    dh = dy @ w_out
+    if use_triton(dy, pre):
+        dpre = torch.empty_like(pre)
+        h = torch.empty_like(dh)
+        if gated:
+            H = dh.shape[1]
+            _k_act.act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h)
+        else:
+            _k_act.act_backward(dh, pre, None, act, dpre, None, h)
+    elif gated:
+        g, u = reference.split_gate_up(pre)
+        dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
+        h = reference.gated_act(g, u, act)
+    else:
+        dpre, h = reference.act_backward(dh, pre, act), act(pre)
+    return (
+        dpre @ w_in,
+        dpre.t() @ x,
+        dpre.sum(0) if has_b_in else None,
+        dy.t() @ h,
+        dy.sum(0) if has_b_out else None,
+    )
+
+
+class MLPFunction(torch.autograd.Function):
+    """Eager autograd for the MLP. ``torch.library`` custom ops cost ~240 us of CPU per call in
+    eager (H100 host, torch 2.11; benchmarks/overhead.py), more than a decode-sized forward
+    takes on the GPU, so eager calls come here; traced code uses the custom op :func:`mlp`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w_in: Tensor,
+        b_in: Tensor | None,
+        w_out: Tensor,
+        b_out: Tensor | None,
+        activation: str,
+        gated: bool,
+        save: bool,
+    ) -> Tensor:
+        y, pre = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, save)
+        if save:
+            ctx.meta = (activation, gated, b_in is not None, b_out is not None)
+            ctx.save_for_backward(x, w_in, w_out, pre)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w_in, w_out, pre = ctx.saved_tensors
+        grads = mlp_backward_impl(dy.contiguous(), x, w_in, w_out, pre, *ctx.meta)
+        return (*grads, None, None, None)
+
+
+@torch.library.custom_op("fusedmlp::mlp", mutates_args=())
+def mlp(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    activation: str,
+    gated: bool,
+    save_preact: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y, pre) for 2-D x [M, D]; ``pre`` is the gate|up pre-activation when ``save_preact``
+    (training), else an empty tensor."""
+    y, pre = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, save_preact)
+    return y, (pre if pre is not None else x.new_empty(0))
 
 
 @mlp.register_fake
@@ -244,28 +325,15 @@ def mlp_backward(
     has_b_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; absent biases get empty gradients."""
-    act = resolve(activation)
-    dh = dy @ w_out
-    if use_triton(dy, pre):
-        dpre = torch.empty_like(pre)
-        h = torch.empty_like(dh)
-        if gated:
-            H = dh.shape[1]
-            _k_act.act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h)
-        else:
-            _k_act.act_backward(dh, pre, None, act, dpre, None, h)
-    elif gated:
-        g, u = reference.split_gate_up(pre)
-        dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
-        h = reference.gated_act(g, u, act)
-    else:
-        dpre, h = reference.act_backward(dh, pre, act), act(pre)
+    dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
+        dy, x, w_in, w_out, pre, activation, gated, has_b_in, has_b_out
+    )
     return (
-        dpre @ w_in,
-        dpre.t() @ x,
-        dpre.sum(0) if has_b_in else x.new_empty(0),
-        dy.t() @ h,
-        dy.sum(0) if has_b_out else x.new_empty(0),
+        dx,
+        dw_in,
+        db_in if db_in is not None else x.new_empty(0),
+        dw_out,
+        db_out if db_out is not None else x.new_empty(0),
     )
 
 
