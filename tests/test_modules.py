@@ -253,3 +253,24 @@ def test_compile_fullgraph(cls):
     y_ref.sum().backward()
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(g, x.grad)
+
+
+def test_second_backward_through_retained_graph_is_refused():
+    fused = FusedGatedMLP(16, 24, device=DEVICE)
+    y = fused(torch.randn(3, 16, device=DEVICE, requires_grad=True)).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.backward()
+
+
+@pytest.mark.parametrize("cls", [FusedGatedMLP, FusedMLP])
+def test_gradient_accumulation(cls):
+    """Two backward passes add into .grad exactly as eager does."""
+    eager = (GatedMLP if cls is FusedGatedMLP else MLP)(16, 24, device=DEVICE)
+    fused = cls.from_module(eager)
+    xs = [torch.randn(5, 16, device=DEVICE) for _ in range(2)]
+    for m in (eager, fused):
+        for x in xs:
+            m(x).square().sum().backward()
+    for name, g in fused.source_grads().items():
+        torch.testing.assert_close(g, dict(eager.named_parameters())[name].grad, rtol=1e-4, atol=1e-5)

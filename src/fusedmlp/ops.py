@@ -232,13 +232,19 @@ def mlp_backward_impl(
     gated: bool,
     has_b_in: bool,
     has_b_out: bool,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-    """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`."""
+    """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
+
+    ``in_place``: d(gate|up) overwrites ``pre`` and the recomputed h overwrites dh (each element
+    is read, then written, by the same program), which takes 3H elements per token off the
+    backward's peak memory. ``pre`` is garbage afterwards.
+    """
     act = resolve(activation)
     dh = dy @ w_out
     if use_triton(dy, pre):
-        dpre = torch.empty_like(pre)
-        h = torch.empty_like(dh)
+        dpre = pre if in_place else torch.empty_like(pre)
+        h = dh if in_place else torch.empty_like(dh)
         if gated:
             H = dh.shape[1]
             _k_act.act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h)
@@ -284,8 +290,14 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "fusedmlp's MLP backward reuses its saved activations in place, so it runs once per "
+                "forward: backward(retain_graph=True) followed by a second backward is not supported"
+            )
+        ctx.consumed = True
         x, w_in, w_out, pre = ctx.saved_tensors
-        grads = mlp_backward_impl(dy.contiguous(), x, w_in, w_out, pre, *ctx.meta)
+        grads = mlp_backward_impl(dy.contiguous(), x, w_in, w_out, pre, *ctx.meta, in_place=True)
         return (*grads, None, None, None)
 
 
