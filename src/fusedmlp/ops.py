@@ -256,13 +256,12 @@ def mlp_backward_impl(
         h = reference.gated_act(g, u, act)
     else:
         dpre, h = reference.act_backward(dh, pre, act), act(pre)
-    return (
-        dpre @ w_in,
-        dpre.t() @ x,
-        dpre.sum(0) if has_b_in else None,
-        dy.t() @ h,
-        dy.sum(0) if has_b_out else None,
-    )
+    # Output projection's gradients first, so that h (dh's buffer when in place) is freed before
+    # the two GEMMs over d(gate|up) allocate theirs.
+    dw_out = dy.t() @ h
+    db_out = dy.sum(0) if has_b_out else None
+    del h, dh
+    return dpre @ w_in, dpre.t() @ x, (dpre.sum(0) if has_b_in else None), dw_out, db_out
 
 
 class MLPFunction(torch.autograd.Function):

@@ -14,6 +14,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 _COLUMNS = (
     ("us", "fwd us", ".1f"),
+    ("graph_us", "CUDA-graph us", ".1f"),
     ("vs_floor", "vs floor", ".2f"),
     ("tflops", "TFLOP/s", ".0f"),
     ("pct_peak_flops", "% peak", ".0f"),

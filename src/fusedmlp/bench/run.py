@@ -125,6 +125,17 @@ def build_variants(preset: Preset, eager: nn.Module, x: Tensor, names: tuple[str
     return out
 
 
+def _graph_us(fn: Callable[[], object]) -> float | None:
+    """Median time of ``fn`` replayed from a CUDA graph, or None where it does not capture."""
+    import triton.testing
+
+    try:
+        with torch.no_grad():
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+    except Exception:  # a variant that cannot be captured reports no graph time
+        return None
+
+
 def _rel_err(out: Tensor, ref: Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
@@ -181,6 +192,8 @@ def run_case(
             us = median_us(fn if name == "floor" else (lambda f=fn: f(x)), device)
             err = None if name == "floor" else _rel_err(fn(x), ref)
         r: dict[str, Any] = {"us": us, "tflops": preset.flops / us / 1e6, "rel_err": err}
+        if torch.device(device).type == "cuda":  # GPU time alone: host launch overhead removed
+            r["graph_us"] = _graph_us(fn if name == "floor" else (lambda f=fn: f(x)))
         if name == "floor":
             floor_us = us
         if peaks:
