@@ -89,9 +89,7 @@ class _Act(nn.Module):
         return act_forward(self.activation, x)
 
 
-def _p(
-    name: str, m: int, d: int, h: int, act: str, gated: bool, bias: bool, desc: str, **kw: int
-) -> Preset:
+def _p(name: str, m: int, d: int, h: int, act: str, gated: bool, bias: bool, desc: str, **kw: int) -> Preset:
     return Preset(name, m, d, h, resolve(act), gated, bias, desc, **kw)
 
 
