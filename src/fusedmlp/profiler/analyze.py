@@ -159,7 +159,10 @@ def _cpu_work(ops: list[Event]) -> tuple[list[Event], set[int]]:
 
     def visit(i: int) -> bool:
         d = decode(ops[i].name)
-        if d.library.startswith(("custom op", "C++ (Inductor")):  # one unit: hide its insides
+        # One unit, whatever runs inside: a custom op, an Inductor kernel, a GEMM (addmm copies
+        # its bias into the output with aten::copy_ before BLAS runs; that copy is part of it).
+        gemm = d.kind == GEMM and d.op not in ("linear", "matmul")  # those two only dispatch
+        if gemm or d.library.startswith(("custom op", "C++ (Inductor")):
             work.append(ops[i])
             return True
         inner = [visit(c) for c in children.get(i, [])]
