@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import analyze, html, show
 from .analyze import VariantSummary
+from .expect import VARIANTS
 from .run import ProfileError, build_variants, hf_variants, measure_peaks, resolve_preset, run
 from .trace import TraceError, load
 
@@ -32,6 +33,9 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Tables, summary.json and report.html for analysed traces (``metas``: their metadata)."""
     skipped = skipped or {}
+    # The article's order (eager, compile, liger, fusedmlp), whatever order the files came in.
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    summaries = sorted(summaries, key=lambda s: order.get(s.variant, len(order)))
     analyze.unique_names(summaries)
     # Device, dtype, versions, peaks and preset: from the first trace that has our metadata.
     meta = next((m for m in metas if m), {})

@@ -53,7 +53,8 @@ def timeline_plot(summaries: list[VariantSummary]) -> str:
     ax.set_xlabel(f"time from the forward's first kernel, {unit}")
     ax.set_title("kernel timeline, one forward per variant")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, ["GEMM", "elementwise / fused (memory)", "other"], loc="lower right", fontsize=8)
+    legend_outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}
+    ax.legend(handles, ["GEMM", "elementwise / fused (memory)", "other"], **legend_outside)
     return _svg_uri(fig)
 
 
@@ -72,7 +73,13 @@ def breakdown_plot(summaries: list[VariantSummary]) -> str:
     ax.set_xlabel("us per forward")
     ax.set_title("time breakdown: kernels (top bar) and CPU dispatch (bottom bar)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (*_COLORS.values(), "#5aa469")]
-    ax.legend(handles, ["GEMM", "memory-bound kernels", "other", "CPU time"], fontsize=8, loc="lower right")
+    ax.legend(
+        handles,
+        ["GEMM", "memory-bound kernels", "other", "CPU time"],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+    )
     return _svg_uri(fig)
 
 

@@ -20,7 +20,8 @@ def mb(n: int | None) -> str:
 def rate(value: float | None, peak: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    return f"{value:.3g}{unit}" + (f" ({value / peak:.0%})" if peak else "")
+    text = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+    return f"{text}{unit}" + (f" ({value / peak:.0%})" if peak else "")
 
 
 def overview(summaries: list[VariantSummary], skipped: dict[str, str], console: Console) -> None:
