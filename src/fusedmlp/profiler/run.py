@@ -220,6 +220,15 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return info
 
 
+def run_metadata(
+    preset: Preset | None, device: torch.device, dtype: torch.dtype, peaks: dict[str, float] | None
+) -> dict[str, Any]:
+    """What every trace of a run carries under its "fusedmlp" key (the variant is added per trace)."""
+    meta = {**environment(device, dtype), "peaks": peaks}
+    meta["preset"] = preset_to_dict(preset) if preset else None
+    return meta
+
+
 def run(
     preset: Preset | None,
     variants: list[Variant],
@@ -230,11 +239,7 @@ def run(
     peaks: dict[str, float] | None,
 ) -> Iterator[tuple[Variant, Path | None]]:
     """Profile each variant in turn (a generator, so the caller can show progress)."""
-    meta = {
-        **environment(device, dtype),
-        "preset": preset_to_dict(preset) if preset else None,
-        "peaks": peaks,
-    }
+    meta = run_metadata(preset, device, dtype, peaks)
     for v in variants:
         if v.module is None:
             yield v, None
