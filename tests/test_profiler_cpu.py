@@ -79,6 +79,13 @@ def test_shape_flags_single_linear_and_narrow_stack(tmp_path):
     assert _summary(out)["variants"]["eager"]["kernels_per_forward"] == 17  # 9 Linear + 8 ReLU
 
 
+def test_profile_checks_the_numerics_of_fused_variants(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["profile", *SMALL, "--variants", "eager,fusedmlp", "--out", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("numerics: "))
+    assert "fusedmlp output" in line and "ok" in line, line
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -14,11 +14,20 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from . import analyze, html, show
 from .analyze import VariantSummary
 from .expect import VARIANTS
-from .run import ProfileError, build_variants, hf_variants, measure_peaks, resolve_preset, run
+from .run import (
+    ProfileError,
+    build_variants,
+    check_numerics,
+    hf_variants,
+    measure_peaks,
+    resolve_preset,
+    run,
+)
 from .trace import TraceError, load
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,11 +65,15 @@ def write_outputs(
 
 def profile_command(args: argparse.Namespace, console: Console) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        console.print("error: --device cuda, but torch sees no CUDA device")
+        return 2
     dtype = (
         _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     out = Path(args.out)
+    eager: nn.Module | None = None  # the weights every variant shares; None for --hf-config
     try:
         if args.hf_config:
             preset = None
@@ -78,7 +91,8 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
                 args.bias,
             )
             torch.manual_seed(0)
-            variants = build_variants(preset, names, device, dtype)
+            eager = preset.eager(device, dtype).eval()
+            variants = build_variants(preset, names, device, dtype, eager)
             inputs = preset.input(device, dtype)
     except (ProfileError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
@@ -109,7 +123,12 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
             metas.append(trace.metadata)
             summaries.append(analyze.analyze(trace))
     write_outputs(summaries, metas, out, console, skipped)
-    return 0
+    if preset is None or eager is None:
+        return 0
+    checks = check_numerics(preset, eager, variants, inputs)
+    for check in checks:
+        console.print(f"numerics: {check}", highlight=False)
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def report_command(args: argparse.Namespace, console: Console) -> int:

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 from ..activations import Activation, resolve
 from ..bench.presets import Preset, default_preset, get_preset
 from ..bench.timing import median_us
+from ..numerics import ContractCheck, check_contract
 from .analyze import preset_to_dict
 from .expect import VARIANTS
 from .trace import add_metadata
@@ -91,13 +92,18 @@ def _liger(preset: Preset, eager: nn.Module, device: torch.device, dtype: torch.
 
 
 def build_variants(
-    preset: Preset, names: list[str], device: torch.device, dtype: torch.dtype
+    preset: Preset,
+    names: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    eager: nn.Module | None = None,
 ) -> list[Variant]:
-    """The requested variants of ``preset``, all holding the same weights."""
+    """The requested variants of ``preset``, all holding ``eager``'s weights (a fresh eager
+    module when not given)."""
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ProfileError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    eager = preset.eager(device, dtype).eval()
+    eager = eager if eager is not None else preset.eager(device, dtype).eval()
     out = []
     for name in names:
         if name == "eager":
@@ -146,6 +152,22 @@ def hf_variants(config: str, names: list[str], device: torch.device, dtype: torc
         else:
             out.append(Variant(name, None, f"skipped: {name} is not offered for a whole model"))
     return out
+
+
+def check_numerics(
+    preset: Preset, eager: nn.Module, variants: list[Variant], x: torch.Tensor
+) -> list[ContractCheck]:
+    """Each non-eager variant's output against eager's and a float64 reference, under the numerics
+    contract: a profile of a fast but wrong variant would be worth nothing."""
+    reference = preset.eager(x.device, torch.float64).eval()
+    reference.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        want, base = reference(x.double()), eager(x)
+        return [
+            check_contract(f"{v.name} output", v.module(x), base, want)
+            for v in variants
+            if v.module is not None and v.name != "eager"
+        ]
 
 
 def _sync(device: torch.device) -> None:
