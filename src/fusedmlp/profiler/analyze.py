@@ -67,6 +67,7 @@ class Step:
 @dataclasses.dataclass
 class VariantSummary:
     variant: str
+    preset: str | None  # the preset's name, from the trace's metadata
     trace: str
     on_gpu: bool
     forwards: int
@@ -290,6 +291,7 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
         saved = sum(r.intermediate_bytes for r in eager) - inter
     return VariantSummary(
         variant=variant,
+        preset=preset.name if preset else None,
         trace=str(trace.path),
         on_gpu=trace.has_gpu,
         forwards=len(windows) or 1,

@@ -77,9 +77,8 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
     try:
         if args.hf_config:
             preset = None
-            variants = hf_variants(args.hf_config, names, device, dtype)
-            tokens = args.tokens or 512
-            inputs: Any = {"input_ids": torch.randint(0, 1000, (1, tokens), device=device)}
+            inputs: Any
+            variants, inputs = hf_variants(args.hf_config, names, device, dtype, args.tokens or 512)
         else:
             preset = resolve_preset(
                 args.preset,

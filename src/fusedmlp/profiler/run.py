@@ -124,7 +124,9 @@ def build_variants(
     return out
 
 
-def hf_variants(config: str, names: list[str], device: torch.device, dtype: torch.dtype) -> list[Variant]:
+def hf_variants(
+    config: str, names: list[str], device: torch.device, dtype: torch.dtype, tokens: int
+) -> tuple[list[Variant], dict[str, torch.Tensor]]:
     """A transformers model from its config (random weights): eager, compiled, and fused by
     ``fusedmlp.fuse`` (built on another branch; imported lazily so this works once it lands)."""
     import copy
@@ -151,7 +153,8 @@ def hf_variants(config: str, names: list[str], device: torch.device, dtype: torc
             out.append(Variant(name, fused, str(fuse(fused))))
         else:
             out.append(Variant(name, None, f"skipped: {name} is not offered for a whole model"))
-    return out
+    vocab = int(getattr(model.config, "vocab_size", None) or 1000)
+    return out, {"input_ids": torch.randint(0, vocab, (1, tokens), device=device)}
 
 
 def check_numerics(
