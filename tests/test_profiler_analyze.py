@@ -74,6 +74,20 @@ def test_guess_disagreement_is_marked(tmp_path):
     assert any("expected but not seen: mul" in n for n in missing.expected_notes)
 
 
+def test_copies_are_listed_apart_from_kernels(tmp_path):
+    t = make_trace("eager")
+    launch = next(e for e in t["traceEvents"] if e["name"] == "cudaLaunchKernel")
+    # A fill launched in the first forward, run by the GPU after the forward's label has closed
+    memset = {**launch, "cat": "gpu_memset", "name": "Memset (Device)", "tid": 7, "ts": launch["ts"] + 500}
+    t["traceEvents"] += [
+        {**launch, "name": "cudaMemsetAsync", "args": {"correlation": 999}},
+        {**memset, "dur": 2.0, "args": {"correlation": 999}},
+    ]
+    s = analyze.analyze(trace.load(write(t, tmp_path / "memset.json")))
+    assert s.kernels_per_forward == 5  # a fill is not a kernel of the MLP
+    assert s.memory_ops == [{"name": "Memset (Device)", "calls": 1 / 3, "time_us": 2.0 / 3}]
+
+
 def test_overhead_bound_when_dispatch_outlasts_kernels(tmp_path):
     tiny = [(NVJET, 2.0, "aten::mm", False)] * 3
     s = _summary(tmp_path, "eager", kernels=tiny, cpu_us_per_kernel=30.0)

@@ -14,6 +14,7 @@ import bisect
 import dataclasses
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ..activations import resolve
@@ -196,6 +197,61 @@ def _idle_gpu_ops(trace: Trace) -> set[int]:
     return idle
 
 
+Item = tuple[int, Event, Decoded]  # (forward index, kernel or CPU op, decoded name)
+
+
+def _work_items(trace: Trace, forward_of: Callable[[float], int | None]) -> tuple[list[Item], set[int]]:
+    """(the kernels inside forwards, indices of CPU ops that launch none). A kernel belongs to
+    the forward whose label holds its launch call (the GPU may run it later)."""
+    if not trace.has_gpu:
+        work, idle = _cpu_work(trace.cpu_ops)
+        return [(w, e, decode(e.name)) for e in work if (w := forward_of(e.ts)) is not None], idle
+    launch_of = {r.correlation: r for r in trace.runtime if r.correlation is not None}
+    # Triton launches through the driver API (cuLaunchKernel*), ATen and cuBLAS mostly through cuda*
+    driver = {c for c, r in launch_of.items() if r.name.startswith("cu") and not r.name.startswith("cuda")}
+    items = []
+    for k in trace.kernels:
+        launch = launch_of.get(k.correlation)
+        w = forward_of(launch.ts if launch else k.ts)
+        if w is not None:
+            items.append((w, k, decode(k.name, k.correlation in driver)))
+    return items, _idle_gpu_ops(trace)
+
+
+def _kernel_stats(
+    items: list[Item], first: list[Item], roles_by_name: dict[str, list[expect.Role]], n_fwd: int
+) -> list[KernelStat]:
+    """Per kernel name, slowest first: calls and time per forward; throughput from its roles."""
+    calls: Counter[str] = Counter()
+    time: Counter[str] = Counter()
+    decoded: dict[str, Decoded] = {}
+    for _, e, d in items:
+        calls[e.name] += 1
+        time[e.name] += e.dur
+        decoded[e.name] = d
+    kernels = []
+    for name in sorted(calls, key=lambda n: -time[n]):
+        rs = roles_by_name.get(name, [])
+        flops, nbytes = sum(r.flops for r in rs), sum(r.bytes for r in rs)
+        # Throughput over the first forward's occurrences only: those are the ones with roles.
+        t_first = sum(e.dur for _, e, _ in first if e.name == name)
+        kernels.append(
+            KernelStat(
+                name=name,
+                calls=calls[name] / n_fwd,
+                total_calls=calls[name],
+                time_us=time[name] / n_fwd,
+                decoded=decoded[name],
+                roles=[r.label for r in rs],
+                flops=flops,
+                bytes=nbytes,
+                tflops=flops / t_first / 1e6 if flops and t_first else None,
+                gbps=nbytes / t_first / 1e3 if nbytes and t_first else None,
+            )
+        )
+    return kernels
+
+
 def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSummary:
     """Summarise one trace. ``peaks`` ({"tflops", "gbps"}) override the ones in its metadata."""
     meta = trace.metadata
@@ -208,21 +264,7 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     def inside(t: float) -> int | None:
         return _window_of(windows, starts, t) if windows else 0
 
-    if trace.has_gpu:
-        launch_of = {r.correlation: r for r in trace.runtime if r.correlation is not None}
-        driver = {
-            c for c, r in launch_of.items() if r.name.startswith("cu") and not r.name.startswith("cuda")
-        }
-        items = []
-        for k in trace.kernels:
-            launch = launch_of.get(k.correlation)
-            w = inside(launch.ts if launch else k.ts)
-            if w is not None:
-                items.append((w, k, decode(k.name, k.correlation in driver)))
-        idle = _idle_gpu_ops(trace)
-    else:
-        work, idle = _cpu_work(trace.cpu_ops)
-        items = [(w, e, decode(e.name)) for e in work if (w := inside(e.ts)) is not None]
+    items, idle = _work_items(trace, inside)
 
     # Guess first: the expected kernels, laid against the first forward's kernels.
     preset = preset_from_dict(meta["preset"]) if isinstance(meta.get("preset"), dict) else None
@@ -239,36 +281,9 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
             roles_by_name[e.name].append(role)
         timeline.append(Step(e.name, e.ts - t0, e.dur, d.kind, role.label if role else None))
 
-    calls: Counter[str] = Counter()
-    time: Counter[str] = Counter()
-    decoded: dict[str, Decoded] = {}
-    for _, e, d in items:
-        calls[e.name] += 1
-        time[e.name] += e.dur
-        decoded[e.name] = d
-    kernels = []
-    for name in sorted(calls, key=lambda n: -time[n]):
-        t = time[name] / n_fwd
-        rs = roles_by_name.get(name, [])
-        flops, nbytes = sum(r.flops for r in rs), sum(r.bytes for r in rs)
-        # Throughput over the first forward's occurrences only: those are the ones with roles.
-        t_first = sum(e.dur for _, e, _ in first if e.name == name)
-        kernels.append(
-            KernelStat(
-                name=name,
-                calls=calls[name] / n_fwd,
-                total_calls=calls[name],
-                time_us=t,
-                decoded=decoded[name],
-                roles=[r.label for r in rs],
-                flops=flops,
-                bytes=nbytes,
-                tflops=flops / t_first / 1e6 if flops and t_first else None,
-                gbps=nbytes / t_first / 1e3 if nbytes and t_first else None,
-            )
-        )
-
-    copies = [e for e in trace.copies if inside(e.ts) is not None]
+    kernels = _kernel_stats(items, first, roles_by_name, n_fwd)
+    launched_at = {r.correlation: r.ts for r in trace.runtime if r.correlation is not None}
+    copies = [e for e in trace.copies if inside(launched_at.get(e.correlation, e.ts)) is not None]
     memory_ops = [
         {"name": n, "calls": c / n_fwd, "time_us": sum(e.dur for e in copies if e.name == n) / n_fwd}
         for n, c in Counter(e.name for e in copies).items()
@@ -281,7 +296,7 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     )
 
     cpu_us = sum(w.dur for w in windows) / n_fwd if windows else sum(o.dur for o in _roots(trace.cpu_ops))
-    gpu_us = sum(time.values()) / n_fwd
+    gpu_us = sum(k.time_us for k in kernels)
     verdict, reason = _verdict(trace.has_gpu, cpu_us, gpu_us, kernels, peaks)
 
     inter = saved = None
