@@ -100,6 +100,16 @@ def test_trace_without_metadata_still_analyses(tmp_path):
     assert s.kernels[0].tflops is None
 
 
+def test_bad_metadata_fields_read_as_unknown(tmp_path):
+    t = make_trace("eager")
+    t["fusedmlp"].update(peaks={"tflops": 739}, element_size={"x": 1}, variant=["eager"])
+    s = analyze.analyze(trace.load(write(t, tmp_path / "hand-edited.json")))
+    assert s.variant == "eager"  # from the forward labels, since the metadata's is not a string
+    assert s.kernels_per_forward == 5 and "GEMMs count as compute" in s.verdict_reason  # no peaks
+    t["fusedmlp"]["preset"] = {"name": "half a preset"}
+    assert analyze.analyze(trace.load(write(t, tmp_path / "worse.json"))).expected is None
+
+
 def test_gzip_and_plain_load_the_same(tmp_path):
     t = make_trace("eager")
     a = trace.load(write(t, tmp_path / "a.json"))

@@ -111,7 +111,7 @@ def preset_from_dict(d: dict[str, Any]) -> Preset | None:
     try:
         fields = {f.name for f in dataclasses.fields(Preset)}
         return Preset(**{k: (resolve(v) if k == "activation" else v) for k, v in d.items() if k in fields})
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,25 @@ def _parse(path: Path, data: dict[str, Any]) -> Trace:
         kernels=lists["kernel"],
         copies=lists["copy"],
         device_properties=props if isinstance(props, list) else [],
-        metadata=meta if isinstance(meta, dict) else {},
+        metadata=_clean_metadata(meta),
     )
+
+
+def _clean_metadata(meta: Any) -> dict[str, Any]:
+    """Our metadata with the fields the analysis computes with checked: a foreign or hand-edited
+    trace must not turn a typo into a crash, so a bad field is dropped (read as unknown)."""
+    if not isinstance(meta, dict):
+        return {}
+    meta = dict(meta)
+    peaks = meta.get("peaks")
+    values = [peaks.get(k) for k in ("tflops", "gbps")] if isinstance(peaks, dict) else [None]
+    if not all(isinstance(v, (int, float)) and 0 < v < math.inf for v in values):
+        meta["peaks"] = None
+    if meta.get("element_size") not in (1, 2, 4, 8):
+        meta.pop("element_size", None)
+    if not isinstance(meta.get("preset"), dict):
+        meta["preset"] = None
+    return meta
 
 
 def add_metadata(path: Path, metadata: dict[str, Any], out: Path | None = None) -> Path:
