@@ -58,6 +58,16 @@ def test_triton_kernels_decode_and_count_driver_launches(tmp_path):
     assert next(k for k in fused.kernels if k.name == FUSED_ACT).decoded.library == "Triton (fusedmlp)"
 
 
+def test_runtime_launch_seen_through_the_driver_counts_once(tmp_path):
+    t = make_trace("eager")
+    launches = [e for e in t["traceEvents"] if e["name"] == "cudaLaunchKernel"]
+    t["traceEvents"] += [
+        {**e, "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": e["ts"] + 0.5} for e in launches
+    ]
+    s = analyze.analyze(trace.load(write(t, tmp_path / "both.json")))
+    assert s.launches_per_forward == {"cudaLaunchKernel": 5}
+
+
 def test_linear_with_bias_is_one_gemm_with_bias_epilogue(tmp_path):
     s = _summary(tmp_path, "linear")
     assert s.kernels_per_forward == 1 and s.expected == ["linear GEMM (+bias)"] and not s.expected_notes

@@ -197,6 +197,20 @@ def _idle_gpu_ops(trace: Trace) -> set[int]:
     return idle
 
 
+def _launch_calls(trace: Trace) -> dict[int, Event]:
+    """correlation id -> the call that launched it. A runtime launch that goes through the driver
+    can show as both calls under one id; keep the runtime one, so it counts once and its kernel
+    is not taken for a Triton (driver-launched) kernel."""
+    out: dict[int, Event] = {}
+    for r in trace.runtime:
+        if r.correlation is None:
+            continue
+        prev = out.get(r.correlation)
+        if prev is None or (not prev.name.startswith("cuda") and r.name.startswith("cuda")):
+            out[r.correlation] = r
+    return out
+
+
 Item = tuple[int, Event, Decoded]  # (forward index, kernel or CPU op, decoded name)
 
 
@@ -206,7 +220,7 @@ def _work_items(trace: Trace, forward_of: Callable[[float], int | None]) -> tupl
     if not trace.has_gpu:
         work, idle = _cpu_work(trace.cpu_ops)
         return [(w, e, decode(e.name)) for e in work if (w := forward_of(e.ts)) is not None], idle
-    launch_of = {r.correlation: r for r in trace.runtime if r.correlation is not None}
+    launch_of = _launch_calls(trace)
     # Triton launches through the driver API (cuLaunchKernel*), ATen and cuBLAS mostly through cuda*
     driver = {c for c, r in launch_of.items() if r.name.startswith("cu") and not r.name.startswith("cuda")}
     items = []
@@ -282,14 +296,17 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
         timeline.append(Step(e.name, e.ts - t0, e.dur, d.kind, role.label if role else None))
 
     kernels = _kernel_stats(items, first, roles_by_name, n_fwd)
-    launched_at = {r.correlation: r.ts for r in trace.runtime if r.correlation is not None}
+    calls_by_corr = _launch_calls(trace)
+    launched_at = {c: r.ts for c, r in calls_by_corr.items()}
     copies = [e for e in trace.copies if inside(launched_at.get(e.correlation, e.ts)) is not None]
     memory_ops = [
         {"name": n, "calls": c / n_fwd, "time_us": sum(e.dur for e in copies if e.name == n) / n_fwd}
         for n, c in Counter(e.name for e in copies).items()
     ]
     in_fwd_runtime = [r for r in trace.runtime if inside(r.ts) is not None]
-    launches = Counter(r.name for r in in_fwd_runtime if "Launch" in r.name)
+    launch_calls = [r for r in in_fwd_runtime if "Launch" in r.name]
+    # once per launch: a call without a correlation id, or the one call kept for its id
+    launches = Counter(r.name for r in launch_calls if calls_by_corr.get(r.correlation, r) is r)
     occupancy = sum("Occupancy" in r.name for r in in_fwd_runtime)
     no_kernel = Counter(
         op.name for i, op in enumerate(trace.cpu_ops) if i in idle and inside(op.ts) is not None
