@@ -9,11 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure  # not pyplot: no backend or global state, works headless
+from matplotlib.patches import Rectangle
 
 from .analyze import VariantSummary
 from .show import mb, rate, short
@@ -34,13 +31,13 @@ def _svg_uri(fig: Figure) -> str:
     cannot collide between plots as they could if the SVGs were pasted inline."""
     buf = io.BytesIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def timeline_plot(summaries: list[VariantSummary]) -> str:
     """The first forward of each variant, kernel by kernel, on one time axis."""
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(summaries)))
+    fig = Figure(figsize=(9, 0.6 + 0.55 * len(summaries)))
+    ax = fig.subplots()
     for row, s in enumerate(summaries):
         kinds = {k.name: k.decoded for k in s.kernels}
         for step in s.timeline:
@@ -52,7 +49,7 @@ def timeline_plot(summaries: list[VariantSummary]) -> str:
     unit = "us (GPU)" if any(s.on_gpu for s in summaries) else "us (CPU ops)"
     ax.set_xlabel(f"time from the forward's first kernel, {unit}")
     ax.set_title("kernel timeline, one forward per variant")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
     legend_outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}
     ax.legend(handles, ["GEMM", "elementwise / fused (memory)", "other"], **legend_outside)
     return _svg_uri(fig)
@@ -60,7 +57,8 @@ def timeline_plot(summaries: list[VariantSummary]) -> str:
 
 def breakdown_plot(summaries: list[VariantSummary]) -> str:
     """Kernel time split into GEMM / memory / other, next to the CPU time of one forward."""
-    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.7 * len(summaries)))
+    fig = Figure(figsize=(9, 0.8 + 0.7 * len(summaries)))
+    ax = fig.subplots()
     for row, s in enumerate(summaries):
         left = 0.0
         for group, color in _COLORS.items():
@@ -72,7 +70,7 @@ def breakdown_plot(summaries: list[VariantSummary]) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("us per forward")
     ax.set_title("time breakdown: kernels (top bar) and CPU dispatch (bottom bar)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (*_COLORS.values(), "#5aa469")]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in (*_COLORS.values(), "#5aa469")]
     ax.legend(
         handles,
         ["GEMM", "memory-bound kernels", "other", "CPU time"],
@@ -85,7 +83,8 @@ def breakdown_plot(summaries: list[VariantSummary]) -> str:
 
 def roofline_plot(summaries: list[VariantSummary], peaks: dict[str, float] | None) -> str:
     """Achieved TFLOP/s against arithmetic intensity for every kernel with known FLOPs and bytes."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     points = [(s, k) for s in summaries for k in s.kernels if k.flops and k.bytes and k.tflops]
     xs = [k.flops / k.bytes for _, k in points] or [1.0]
     if peaks:
