@@ -73,6 +73,11 @@ def test_ampere_gemm():
     }
 
 
+def test_simt_sgemm():
+    d = decode("ampere_sgemm_128x64_tn")
+    assert (d.library, d.arch, d.tile, d.layout, d.dtype) == ("cuBLAS", "sm80", "128x64", "TN", "fp32")
+
+
 def test_cutlass_wrapped_gemm_with_relu_epilogue():
     name = (
         "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x10_tn_align8>"

@@ -121,6 +121,7 @@ def _nvjet(name: str) -> Decoded | None:
     )
 
 
+_BLAS_LETTERS = {"s": "fp32", "d": "fp64", "h": "fp16"}  # BLAS prefixes: sgemm, dgemm, hgemm
 _ARCH_WORDS = {"volta": "sm70", "turing": "sm75", "ampere": "sm80", "hopper": "sm90", "blackwell": "sm100"}
 
 
@@ -149,6 +150,8 @@ def _cublas_family(name: str) -> Decoded | None:
         tile, k_tile, cluster = f"{m[1]}x{m[2]}", int(m[3]), f"{m[4]}x{m[5]}"
     elif m := re.search(r"_(\d+)x(\d+)_(?:ldg\d+_\w*?stages_)?(\d+)x(\d+)_", low):  # ampere, cutlass 2.x
         tile, k_tile, stages = f"{m[1]}x{m[2]}", int(m[3]), int(m[4])
+    elif m := re.search(r"_(\d+)x(\d+)_(?:tn|nt|nn|tt)(?:_|$)", low):  # ampere_sgemm_128x64_tn
+        tile = f"{m[1]}x{m[2]}"
     if stages is None and (m := re.search(r"stage(\d+)", low)):
         stages = int(m[1])
     if m := re.search(r"warpgroupsize(\d+x\d+x\d+)", low):
@@ -164,7 +167,7 @@ def _cublas_family(name: str) -> Decoded | None:
         or (m := re.search(r"gemm_(\w+?)_(?:tn|nt|nn|tt)_", low))
         or (m := re.search(r"(bf16|f16|fp16|tf32)", low))
     ):
-        dtype = m[1]
+        dtype = _BLAS_LETTERS.get(m[1], m[1])
     epilogue = next((e for e in ("bias", "relu", "gelu") if re.search(rf"(?<![a-z]){e}(?![a-z])", low)), None)
     return Decoded(
         library=library,
