@@ -68,6 +68,13 @@ def test_runtime_launch_seen_through_the_driver_counts_once(tmp_path):
     assert s.launches_per_forward == {"cudaLaunchKernel": 5}
 
 
+def test_kernel_without_a_recorded_launch_joins_the_forward_it_runs_in(tmp_path):
+    t = make_trace("compile")
+    t["traceEvents"] = [e for e in t["traceEvents"] if e["name"] != "cuLaunchKernelEx"]
+    s = analyze.analyze(trace.load(write(t, tmp_path / "no-driver-events.json")))
+    assert s.kernels_per_forward == 4 and not s.expected_notes
+
+
 def test_linear_with_bias_is_one_gemm_with_bias_epilogue(tmp_path):
     s = _summary(tmp_path, "linear")
     assert s.kernels_per_forward == 1 and s.expected == ["linear GEMM (+bias)"] and not s.expected_notes

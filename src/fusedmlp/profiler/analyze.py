@@ -214,9 +214,13 @@ def _launch_calls(trace: Trace) -> dict[int, Event]:
 Item = tuple[int, Event, Decoded]  # (forward index, kernel or CPU op, decoded name)
 
 
-def _work_items(trace: Trace, forward_of: Callable[[float], int | None]) -> tuple[list[Item], set[int]]:
+def _work_items(
+    trace: Trace, forward_of: Callable[[float], int | None], gpu_forward_of: Callable[[float], int | None]
+) -> tuple[list[Item], set[int]]:
     """(the kernels inside forwards, indices of CPU ops that launch none). A kernel belongs to
-    the forward whose label holds its launch call (the GPU may run it later)."""
+    the forward whose label holds its launch call (the GPU may run it later); without a launch
+    call in the trace (some launchers bypass the CUDA APIs that CUPTI records), to the forward
+    that its GPU start time falls in."""
     if not trace.has_gpu:
         work, idle = _cpu_work(trace.cpu_ops)
         return [(w, e, decode(e.name)) for e in work if (w := forward_of(e.ts)) is not None], idle
@@ -226,7 +230,7 @@ def _work_items(trace: Trace, forward_of: Callable[[float], int | None]) -> tupl
     items = []
     for k in trace.kernels:
         launch = launch_of.get(k.correlation)
-        w = forward_of(launch.ts if launch else k.ts)
+        w = forward_of(launch.ts) if launch else gpu_forward_of(k.ts)
         if w is not None:
             items.append((w, k, decode(k.name, k.correlation in driver)))
     return items, _idle_gpu_ops(trace)
@@ -276,9 +280,16 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     n_fwd = max(len(windows), 1)
 
     def inside(t: float) -> int | None:
+        """The forward whose label holds CPU time t."""
         return _window_of(windows, starts, t) if windows else 0
 
-    items, idle = _work_items(trace, inside)
+    def since(t: float) -> int | None:
+        """The forward last begun at GPU time t: each forward is synchronized before the next
+        begins, so a kernel whose launch is not in the trace still belongs to the latest one."""
+        i = bisect.bisect_right(starts, t) - 1
+        return (i if i >= 0 else None) if windows else 0
+
+    items, idle = _work_items(trace, inside, since)
 
     # Guess first: the expected kernels, laid against the first forward's kernels.
     preset = preset_from_dict(meta["preset"]) if isinstance(meta.get("preset"), dict) else None
@@ -298,7 +309,11 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     kernels = _kernel_stats(items, first, roles_by_name, n_fwd)
     calls_by_corr = _launch_calls(trace)
     launched_at = {c: r.ts for c, r in calls_by_corr.items()}
-    copies = [e for e in trace.copies if inside(launched_at.get(e.correlation, e.ts)) is not None]
+    copies = [
+        e
+        for e in trace.copies
+        if (inside(launched_at[e.correlation]) if e.correlation in launched_at else since(e.ts)) is not None
+    ]
     memory_ops = [
         {"name": n, "calls": c / n_fwd, "time_us": sum(e.dur for e in copies if e.name == n) / n_fwd}
         for n, c in Counter(e.name for e in copies).items()
