@@ -86,6 +86,30 @@ def test_profile_checks_the_numerics_of_fused_variants(tmp_path, capsys, monkeyp
     assert "fusedmlp output" in line and "ok" in line, line
 
 
+def test_hf_config_profiles_a_whole_model_once_fuse_exists(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import fusedmlp
+
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    config.save_pretrained(tmp_path / "tiny-llama")
+    # fusedmlp.fuse lands on another branch; a stand-in shows the wiring works once it does.
+    monkeypatch.setattr(fusedmlp, "fuse", lambda model: "stand-in fuse: nothing swapped", raising=False)
+    argv = ["--hf-config", str(tmp_path / "tiny-llama"), "--tokens", "8", "--variants", "eager,fusedmlp"]
+    assert main(["profile", *argv, "--out", str(tmp_path / "out")]) == 0
+    summary = _summary(tmp_path / "out")
+    assert summary["preset"] is None and summary["notes"]["fusedmlp"] == "stand-in fuse: nothing swapped"
+    counts = {v: s["kernels_per_forward"] for v, s in summary["variants"].items()}
+    assert counts["eager"] == counts["fusedmlp"] > 10  # nothing swapped: the same kernels
+    assert summary["variants"]["eager"]["expected"] is None  # no guess for a whole model
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -50,6 +50,9 @@ def write_outputs(
     meta = next((m for m in metas if m), {})
     keys = ("device", "dtype", "element_size", "torch", "triton", "fusedmlp")
     info = {k: meta[k] for k in keys if k in meta}
+    info["notes"] = {
+        m["variant"]: m["note"] for m in metas if isinstance(m.get("note"), str) and m.get("variant")
+    }
     preset = analyze.preset_from_dict(meta["preset"]) if isinstance(meta.get("preset"), dict) else None
     peaks = meta.get("peaks")
     summary = analyze.summary_json(summaries, preset, peaks, {**info, "skipped": skipped})

@@ -376,6 +376,8 @@ VIEW_OPS = frozenset(
         "is_nonzero",
         "size",
         "stride",
+        "to",  # a no-op when dtype and device already match; when not, its aten::_to_copy is the work
+        "detach_",
     ]
 )
 
