@@ -7,47 +7,23 @@ import sys
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
-from .bench.presets import PRESETS, default_preset, get_preset
-from .bench.timing import median_us
-from .numerics import check_contract
+from .bench.presets import PRESETS
 
 _BENCH_VARIANTS = ("floor", "eager", "eager-merged", "compile", "compile-max-autotune", "liger", "fusedmlp")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _profile(args: argparse.Namespace, console: Console) -> int:
-    """Eager vs fused on one preset: time per forward and the numerics check."""
-    preset = get_preset(args.preset) if args.preset else default_preset()
-    if args.tokens:
-        preset = preset.with_tokens(args.tokens)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    torch.manual_seed(0)
-    eager = preset.eager(device, dtype)
-    fused = preset.fused(eager)
-    x = preset.input(device, dtype)
-    with torch.no_grad():
-        ref = preset.eager(device, torch.float64)
-        ref.load_state_dict(eager.state_dict())
-        check = check_contract("output", fused(x), eager(x), ref(x.double()))
-        times = {
-            name: median_us(lambda m=m: m(x), device) for name, m in (("eager", eager), ("fusedmlp", fused))
-        }
-    table = Table(
-        title=f"{preset.name}: M={preset.tokens}, {preset.hidden} -> {preset.intermediate}, "
-        f"{preset.activation.value}{' gated' if preset.gated else ''}, {dtype}, {device}"
-    )
-    table.add_column("variant")
-    table.add_column("forward us", justify="right")
-    table.add_column("TFLOP/s", justify="right")
-    table.add_column("vs eager", justify="right")
-    for name, us in times.items():
-        table.add_row(name, f"{us:.1f}", f"{preset.flops / us / 1e6:.2f}", f"{times['eager'] / us:.2f}x")
-    console.print(table)
-    console.print(str(check))
-    return 0 if check.ok else 1
+    from .profiler.commands import profile_command  # imports matplotlib: only when profiling
+
+    return profile_command(args, console)
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from .profiler.commands import report_command
+
+    return report_command(args, console)
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
@@ -55,7 +31,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     from .bench import report, run
-    from .bench.presets import PRESET_TOKENS
+    from .bench.presets import PRESET_TOKENS, get_preset
 
     if not torch.cuda.is_available():
         console.print("[red]fusedmlp bench needs a CUDA GPU[/red] (use `fusedmlp profile` on a CPU)")
@@ -86,13 +62,32 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedmlp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    prof = sub.add_parser("profile", help="run eager and fused side by side on a preset")
-    prof.add_argument(
+    prof = sub.add_parser(
+        "profile", help="run MLP variants side by side under torch.profiler: kernels, decoded, and why"
+    )
+    shape = prof.add_mutually_exclusive_group()
+    shape.add_argument(
         "--preset", choices=sorted(PRESETS), help="default: geglu-article on a GPU, cpu-small on CPU"
     )
-    prof.add_argument("--tokens", type=int, help="override the preset's number of tokens (M)")
-    prof.add_argument("--dtype", choices=sorted(_DTYPES))
-    prof.add_argument("--device")
+    shape.add_argument(
+        "--hf-config",
+        metavar="NAME_OR_DIR",
+        help="a transformers model from its config, fused by fusedmlp.fuse",
+    )
+    prof.add_argument("--tokens", type=int, help="number of tokens (M); replaces the preset's")
+    prof.add_argument("--hidden", type=int, help="model width D; replaces the preset's")
+    prof.add_argument("--intermediate", type=int, help="MLP width H; replaces the preset's")
+    prof.add_argument("--activation", help="activation name (silu, gelu, gelu_tanh, relu, ...)")
+    prof.add_argument("--gated", action=argparse.BooleanOptionalAction, help="gated (GLU) MLP or plain")
+    prof.add_argument("--bias", action=argparse.BooleanOptionalAction, help="Linear layers with bias")
+    prof.add_argument(
+        "--variants",
+        default="eager,compile,liger,fusedmlp",
+        help="comma-separated: eager,compile,liger,fusedmlp",
+    )
+    prof.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
+    prof.add_argument("--device", help="default: cuda when available")
+    prof.add_argument("--out", default="fusedmlp-out", help="output folder (default: fusedmlp-out)")
     prof.set_defaults(func=_profile)
     bench = sub.add_parser("bench", help="side-by-side speed, memory and accuracy on the GPU")
     bench.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable")
@@ -102,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", action="store_true", help="also time forward+backward and peak memory")
     bench.add_argument("--out", default="benchmarks/results")
     bench.set_defaults(func=_bench)
+    rep = sub.add_parser(
+        "report", help="the profile analysis from saved Chrome traces (plain or .gz), no GPU"
+    )
+    rep.add_argument("paths", nargs="+", metavar="PATH", help="trace files, or folders holding them")
+    rep.add_argument("--out", default="fusedmlp-out", help="output folder (default: fusedmlp-out)")
+    rep.set_defaults(func=_report)
     return parser
 
 

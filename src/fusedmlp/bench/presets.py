@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..activations import Activation, resolve
+from ..activations import Activation, act_forward, resolve
 from ..modules import FusedGatedMLP, FusedMLP
 from ..reference import MLP, GatedMLP
 
@@ -24,23 +24,51 @@ class Preset:
     gated: bool
     bias: bool
     description: str = ""
+    # Linear layers: 2 for an MLP; 1 for a single Linear (hidden -> intermediate); more for a narrow
+    # stack hidden -> intermediate x (layers - 1) -> out_features with the activation between.
+    layers: int = 2
+    out_features: int | None = None
 
     def __post_init__(self) -> None:
-        if min(self.tokens, self.hidden, self.intermediate) <= 0:
+        if min(self.tokens, self.hidden, self.intermediate, self.layers) <= 0:
             raise ValueError(f"preset {self.name}: sizes must be positive")
+        if self.gated and self.layers != 2:
+            raise ValueError(f"preset {self.name}: a gated preset has 2 layers (gate|up, down)")
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of each projection, in forward order (gate, up, down; ...)."""
+        d, h = self.hidden, self.intermediate
+        if self.layers == 1:
+            return [(d, h)]
+        if self.gated:
+            return [(d, h), (d, h), (h, d)]
+        return [(d, h)] + [(h, h)] * (self.layers - 2) + [(h, self.out_features or d)]
 
     @property
     def flops(self) -> int:
-        """Forward FLOPs: 2*M*D*H per projection (3 for gated, 2 for plain)."""
-        return 2 * self.tokens * self.hidden * self.intermediate * (3 if self.gated else 2)
+        """Forward FLOPs: 2*M*in*out per projection."""
+        return sum(2 * self.tokens * i * o for i, o in self.linear_shapes())
 
     def eager(self, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+        kw = {"device": device, "dtype": dtype}
+        if self.layers == 1:
+            return nn.Linear(self.hidden, self.intermediate, bias=self.bias, **kw)
+        if self.layers > 2:
+            shapes = self.linear_shapes()
+            mods: list[nn.Module] = []
+            for n, (i, o) in enumerate(shapes):
+                mods.append(nn.Linear(i, o, bias=self.bias, **kw))
+                if n < len(shapes) - 1:
+                    mods.append(_Act(self.activation))
+            return nn.Sequential(*mods)
         cls = GatedMLP if self.gated else MLP
-        return cls(
-            self.hidden, self.intermediate, self.activation, bias=self.bias, device=device, dtype=dtype
-        )
+        return cls(self.hidden, self.intermediate, self.activation, bias=self.bias, **kw)
 
     def fused(self, eager: nn.Module) -> nn.Module:
+        if self.layers != 2:
+            raise ValueError(
+                f"preset {self.name}: fusedmlp has no fused module for a {self.layers}-layer stack yet"
+            )
         return (FusedGatedMLP if self.gated else FusedMLP).from_module(eager)
 
     def input(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -50,8 +78,19 @@ class Preset:
         return dataclasses.replace(self, name=f"{self.name}@M={tokens}", tokens=tokens)
 
 
-def _p(name: str, m: int, d: int, h: int, act: str, gated: bool, bias: bool, desc: str) -> Preset:
-    return Preset(name, m, d, h, resolve(act), gated, bias, desc)
+class _Act(nn.Module):
+    """An activation as a module, for nn.Sequential stacks."""
+
+    def __init__(self, activation: Activation) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return act_forward(self.activation, x)
+
+
+def _p(name: str, m: int, d: int, h: int, act: str, gated: bool, bias: bool, desc: str, **kw: int) -> Preset:
+    return Preset(name, m, d, h, resolve(act), gated, bias, desc, **kw)
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,6 +136,19 @@ PRESETS: dict[str, Preset] = {
             True,
             "GPT-2 MLP: Linear+bias, GELU(tanh), Linear+bias",
         ),
+        _p(
+            "narrow-mlp",
+            2**20,
+            32,
+            64,
+            "relu",
+            False,
+            True,
+            "a narrow MLP (implicit networks, heads): 32 -> 64 x8 -> 16, ReLU",
+            layers=9,
+            out_features=16,
+        ),
+        _p("linear-bias", 8192, 768, 3072, "identity", False, True, "a single nn.Linear with bias", layers=1),
         _p("cpu-small", 256, 128, 512, "gelu_tanh", True, False, "a small GeGLU MLP for CPU-only machines"),
     )
 }

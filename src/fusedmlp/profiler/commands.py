@@ -1,0 +1,155 @@
+"""The ``profile`` and ``report`` commands: run or read traces, analyse, write the outputs.
+
+Outputs in the --out folder: ``traces/`` (profile only: one Chrome trace per variant, for
+Perfetto), ``summary.json`` and ``report.html``; rich tables in the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from . import analyze, html, show
+from .analyze import VariantSummary
+from .expect import VARIANTS
+from .run import (
+    ProfileError,
+    build_variants,
+    check_numerics,
+    hf_variants,
+    measure_peaks,
+    resolve_preset,
+    run,
+)
+from .trace import TraceError, load
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def write_outputs(
+    summaries: list[VariantSummary],
+    metas: list[dict[str, Any]],
+    out: Path,
+    console: Console,
+    skipped: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Tables, summary.json and report.html for analysed traces (``metas``: their metadata)."""
+    skipped = skipped or {}
+    # The article's order (eager, compile, liger, fusedmlp), whatever order the files came in.
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    summaries = sorted(summaries, key=lambda s: order.get(s.variant, len(order)))
+    analyze.unique_names(summaries)
+    # Device, dtype, versions, peaks and preset: from the first trace that has our metadata.
+    meta = next((m for m in metas if m), {})
+    keys = ("device", "dtype", "element_size", "torch", "triton", "fusedmlp")
+    info = {k: meta[k] for k in keys if k in meta}
+    info["notes"] = {
+        m["variant"]: m["note"] for m in metas if isinstance(m.get("note"), str) and m.get("variant")
+    }
+    preset = analyze.preset_from_dict(meta["preset"]) if isinstance(meta.get("preset"), dict) else None
+    peaks = meta.get("peaks")
+    summary = analyze.summary_json(summaries, preset, peaks, {**info, "skipped": skipped})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    html.render(summary, summaries, out / "report.html")
+    show.overview(summaries, skipped, console)
+    for s in summaries:
+        show.details(s, peaks, console)
+    console.print(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
+    return summary
+
+
+def profile_command(args: argparse.Namespace, console: Console) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        console.print("error: --device cuda, but torch sees no CUDA device")
+        return 2
+    dtype = (
+        _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    out = Path(args.out)
+    eager: nn.Module | None = None  # the weights every variant shares; None for --hf-config
+    try:
+        if args.hf_config:
+            preset = None
+            inputs: Any
+            variants, inputs = hf_variants(args.hf_config, names, device, dtype, args.tokens or 512)
+        else:
+            preset = resolve_preset(
+                args.preset,
+                args.tokens,
+                args.hidden,
+                args.intermediate,
+                args.activation,
+                args.gated,
+                args.bias,
+            )
+            torch.manual_seed(0)
+            eager = preset.eager(device, dtype).eval()
+            variants = build_variants(preset, names, device, dtype, eager)
+            inputs = preset.input(device, dtype)
+    except (ProfileError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    if preset is not None:
+        console.print(
+            f"[bold]{preset.name}[/bold]: {preset.description} (M={preset.tokens}, {preset.hidden} -> "
+            f"{preset.intermediate}, {preset.activation.value}); {dtype}, {device}"
+        )
+    summaries: list[VariantSummary] = []
+    skipped: dict[str, str] = {}
+    metas: list[dict[str, Any]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("measuring peaks", total=len(variants) + 1)
+        peaks = measure_peaks(device)
+        progress.advance(task)
+        progress.update(task, description=f"warming up and profiling {variants[0].name}" if variants else "")
+        runs = run(preset, variants, inputs, device, dtype, out / "traces", peaks)
+        for i, (variant, path) in enumerate(runs):
+            progress.advance(task)
+            if i + 1 < len(variants):
+                progress.update(task, description=f"warming up and profiling {variants[i + 1].name}")
+            if path is None:
+                skipped[variant.name] = variant.note
+                continue
+            trace = load(path)
+            metas.append(trace.metadata)
+            summaries.append(analyze.analyze(trace))
+    write_outputs(summaries, metas, out, console, skipped)
+    if preset is None or eager is None:
+        return 0
+    checks = check_numerics(preset, eager, variants, inputs)
+    for check in checks:
+        console.print(f"numerics: {check}", highlight=False)
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def report_command(args: argparse.Namespace, console: Console) -> int:
+    """The same analysis from saved traces: files, or folders searched for *.json and *.json.gz."""
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            found = sorted([*p.rglob("*.json"), *p.rglob("*.json.gz")])
+            paths += [f for f in found if f.name != "summary.json"]
+        else:
+            paths.append(p)
+    if not paths:
+        console.print(f"[red]error:[/red] no trace files in {', '.join(args.paths)}")
+        return 2
+    try:
+        traces = [load(p) for p in paths]
+    except TraceError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    summaries = [analyze.analyze(t) for t in traces]
+    write_outputs(summaries, [t.metadata for t in traces], Path(args.out), console)
+    return 0
