@@ -174,10 +174,11 @@ def test_report_of_a_folder_names_two_runs_apart(tmp_path):
         b"",
         b"{not json",
         b'{"traceEvents": [{"ph": "X", "cat": "kernel", "na',  # truncated JSON
-        gzip.compress(json.dumps(make_trace("eager")).encode())[:200],  # truncated gzip
+        gzip.compress(json.dumps(make_trace("eager")).encode(), mtime=0)[:200],  # truncated gzip
         b'{"something": "else"}',
         b"\xff\xfe\x00garbage",
     ],
+    ids=["empty", "not-json", "truncated-json", "truncated-gzip", "wrong-structure", "binary"],
 )
 def test_corrupt_trace_is_a_one_line_error_naming_the_file(tmp_path, capsys, content):
     bad = tmp_path / "broken.json.gz"
