@@ -72,4 +72,8 @@ def test_mlp_opcheck(gated):
     w_in = torch.randn(2 * H if gated else H, D, device=DEVICE, requires_grad=True)
     b_in = torch.randn(w_in.shape[0], device=DEVICE, requires_grad=True)
     w_out = torch.randn(D, H, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ops.mlp, (x, w_in, b_in, w_out, None, "gelu_tanh", gated, True))
+    for mode in ("none", "activation", "gemm"):
+        torch.library.opcheck(ops.mlp, (x, w_in, b_in, w_out, None, "gelu_tanh", gated, mode))
+    # inference saves nothing for a backward: checked without gradients
+    args = [t.detach() for t in (x, w_in, b_in, w_out)]
+    torch.library.opcheck(ops.mlp, (*args[:3], args[3], None, "gelu_tanh", gated, "inference"))

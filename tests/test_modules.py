@@ -274,3 +274,18 @@ def test_gradient_accumulation(cls):
             m(x).square().sum().backward()
     for name, g in fused.source_grads().items():
         torch.testing.assert_close(g, dict(eager.named_parameters())[name].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", ["none", "activation", "gemm"])
+@pytest.mark.parametrize("cls,eager_cls", [(FusedGatedMLP, GatedMLP), (FusedMLP, MLP)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_recompute_mode_meets_the_contract(cls, eager_cls, recompute, dtype):
+    eager = eager_cls(43, 97, "gelu_tanh", bias=True, device=DEVICE, dtype=dtype)
+    fused = cls.from_module(eager, recompute=recompute)
+    assert fused.recompute.value == recompute
+    check_module_contract(eager, fused, torch.randn(2, 5, 43, device=DEVICE).to(dtype))
+
+
+def test_unknown_recompute_mode():
+    with pytest.raises(ValueError, match="unknown recompute mode 'all'"):
+        FusedGatedMLP(8, 16, recompute="all")

@@ -3,7 +3,8 @@
 from . import functional, ops
 from .activations import Activation
 from .modules import FusedGatedMLP, FusedMLP, StateLayout
+from .ops import Recompute
 
 __version__ = "0.1.0"
 
-__all__ = ["Activation", "FusedGatedMLP", "FusedMLP", "StateLayout", "functional", "ops"]
+__all__ = ["Activation", "FusedGatedMLP", "FusedMLP", "Recompute", "StateLayout", "functional", "ops"]

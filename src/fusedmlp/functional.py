@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import ops
 from .activations import Activation, resolve
+from .ops import Recompute, resolve_recompute
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -80,8 +81,10 @@ def _run_mlp(
     b_out: Tensor | None,
     act: Activation,
     gated: bool,
+    recompute: str | Recompute,
 ) -> Tensor:
     """Flatten to 2-D, apply autocast's dtype by hand (custom ops are opaque to autocast), run."""
+    mode = resolve_recompute(recompute).value
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
@@ -90,12 +93,13 @@ def _run_mlp(
     lead = x.shape[:-1]
     x2 = _unit_cols(x.reshape(-1, x.shape[-1]))
     params = (w_in, b_in, w_out, b_out)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))):
+        mode = ops.INFERENCE
     w_in, w_out = _unit_cols(w_in), _unit_cols(w_out)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
-        y, _ = ops.mlp(x2, w_in, b_in, w_out, b_out, act.value, gated, save)
+        y = ops.mlp(x2, w_in, b_in, w_out, b_out, act.value, gated, mode)[0]
     else:  # eager: the same implementation through a cheaper autograd.Function
-        y = ops.MLPFunction.apply(x2, w_in, b_in, w_out, b_out, act.value, gated, save)
+        y = ops.MLPFunction.apply(x2, w_in, b_in, w_out, b_out, act.value, gated, mode)
     return y.view(*lead, w_out.shape[0])
 
 
@@ -106,8 +110,10 @@ def gated_mlp(
     down_weight: Tensor,
     down_bias: Tensor | None,
     activation: str | Activation = "silu",
+    recompute: str | Recompute = "activation",
 ) -> Tensor:
-    """y = down(act(gate(x)) * up(x)); gate|up is one [2H, D] weight, gate rows first."""
+    """y = down(act(gate(x)) * up(x)); gate|up is one [2H, D] weight, gate rows first.
+    ``recompute``: what training saves for the backward (:class:`fusedmlp.ops.Recompute`)."""
     act_ = resolve(activation)
     two_h, d = gate_up_weight.shape
     check_inputs(
@@ -121,7 +127,7 @@ def gated_mlp(
     if two_h % 2:
         raise ValueError(f"gate_up_weight has an odd number of rows ({two_h}); expected [2*H, D]")
     _check_weight("down_weight", down_weight, (down_weight.shape[0], two_h // 2))
-    return _run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, gated=True)
+    return _run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, True, recompute)
 
 
 def mlp(
@@ -131,10 +137,11 @@ def mlp(
     fc2_weight: Tensor,
     fc2_bias: Tensor | None,
     activation: str | Activation = "gelu",
+    recompute: str | Recompute = "activation",
 ) -> Tensor:
-    """y = fc2(act(fc1(x)))."""
+    """y = fc2(act(fc1(x))); ``recompute`` as for :func:`gated_mlp`."""
     act_ = resolve(activation)
     h, d = fc1_weight.shape
     check_inputs(x, d, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
     _check_weight("fc2_weight", fc2_weight, (fc2_weight.shape[0], h))
-    return _run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, gated=False)
+    return _run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, recompute)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import functional
 from .activations import Activation, activation_of, resolve
+from .ops import Recompute, resolve_recompute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,7 @@ class _FusedMLPBase(nn.Module):
         dtype: torch.dtype | None,
         layout: StateLayout | None,
         out_features: int | None = None,
+        recompute: str | Recompute = Recompute.ACTIVATION,
     ) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
@@ -97,6 +99,7 @@ class _FusedMLPBase(nn.Module):
         self.intermediate_size = intermediate_size
         self.out_features = hidden_size if out_features is None else out_features
         self.activation = resolve(activation)
+        self.recompute = resolve_recompute(recompute)
         self.layout = layout or self.DEFAULT_LAYOUT
         if self.GATED and len(self.layout.inputs) not in (1, 2):
             raise ValueError(
@@ -126,7 +129,8 @@ class _FusedMLPBase(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-            f"activation={self.activation.value}, bias=({self.in_bias is not None}, "
+            f"activation={self.activation.value}, recompute={self.recompute.value}, "
+            f"bias=({self.in_bias is not None}, "
             f"{self.out_bias is not None}), layout={self.layout}"
         )
 
@@ -143,13 +147,19 @@ class _FusedMLPBase(nn.Module):
 
     @classmethod
     def from_module(
-        cls, mlp: nn.Module, *, activation: str | Activation | None = None, layout: StateLayout | None = None
+        cls,
+        mlp: nn.Module,
+        *,
+        activation: str | Activation | None = None,
+        layout: StateLayout | None = None,
+        recompute: str | Recompute = Recompute.ACTIVATION,
     ) -> _FusedMLPBase:
         """A fused module holding ``mlp``'s current weights (same device and dtype).
 
         ``mlp`` has children named like gate_proj/up_proj/down_proj (gated) or fc1/fc2 (plain);
         pass ``layout`` for other names. The activation is read from an attribute such as
-        ``act_fn`` unless given. The result's state_dict equals ``mlp``'s.
+        ``act_fn`` unless given. ``recompute``: what training saves for the backward
+        (:class:`Recompute`). The result's state_dict equals ``mlp``'s.
         """
         layout = layout or cls._find_layout(mlp)
         children = [mlp.get_submodule(n) for n in (*layout.inputs, layout.output)]
@@ -182,6 +192,7 @@ class _FusedMLPBase(nn.Module):
             dtype=w_in.dtype,
             layout=layout,
             out_features=w_out.shape[0],
+            recompute=recompute,
         )
         with torch.no_grad():
             fused.in_weight.copy_(w_in)
@@ -283,14 +294,15 @@ class FusedGatedMLP(_FusedMLPBase):
         *,
         layout: StateLayout | None = None,
         out_features: int | None = None,
+        recompute: str | Recompute = Recompute.ACTIVATION,
     ) -> None:
         super().__init__(
-            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features
+            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return functional.gated_mlp(
-            x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation
+            x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation, self.recompute
         )
 
 
@@ -316,12 +328,13 @@ class FusedMLP(_FusedMLPBase):
         *,
         layout: StateLayout | None = None,
         out_features: int | None = None,
+        recompute: str | Recompute = Recompute.ACTIVATION,
     ) -> None:
         super().__init__(
-            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features
+            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return functional.mlp(
-            x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation
+            x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation, self.recompute
         )

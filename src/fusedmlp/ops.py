@@ -8,6 +8,7 @@ how CI runs the kernels), the eager reference from ``reference.py`` everywhere e
 
 from __future__ import annotations
 
+import enum
 import os
 from typing import Any
 
@@ -178,13 +179,39 @@ act.register_autograd(_act_bwd, setup_context=_act_setup)
 # ---------------------------------------------------------------------------------------------
 # the whole MLP: y = out(act(in_gate(x)) * in_up(x)) (gated) or y = out(act(in(x)))
 #
-# Forward: one Triton GEMM with the activation in its epilogue writes h (and, for training, the
-# pre-activation gate|up that the backward needs), then cuBLAS for the output projection.
-# Backward: dh = dy @ W_out (cuBLAS); one pointwise kernel turns dh and the saved pre-activation
-# into d(gate|up), written in the merged layout, and recomputes h for W_out's gradient; then
+# Forward: one Triton GEMM with the activation in its epilogue writes h (and, when training saves
+# it, the pre-activation gate|up), then cuBLAS for the output projection.
+# Backward: dh = dy @ W_out (cuBLAS); one pointwise kernel turns dh and gate|up into d(gate|up),
+# written in the merged layout, and recomputes h for W_out's gradient unless it was saved; then
 # dx = d(gate|up) @ W_in and dW_in = d(gate|up)^T @ x are one GEMM each over the merged layout.
-# Saved for backward: x and gate|up ([M, D + 2H] elements), not h or act(gate).
 # ---------------------------------------------------------------------------------------------
+
+
+class Recompute(str, enum.Enum):
+    """What training saves for the backward, per token (H = intermediate size, e = bytes per
+    element; gated MLPs, halve the gate|up term for plain ones). x is saved in every mode.
+
+    - ``NONE``: gate|up and h, 3H*e: the backward recomputes nothing.
+    - ``ACTIVATION``: gate|up, 2H*e: the backward recomputes h in its pointwise kernel (free: that
+      kernel reads gate|up anyway). The default.
+    - ``GEMM``: nothing beyond x: the backward recomputes gate|up with one cuBLAS GEMM
+      (about a third more backward FLOPs), the least memory.
+    """
+
+    NONE = "none"
+    ACTIVATION = "activation"
+    GEMM = "gemm"
+
+
+def resolve_recompute(value: str | Recompute) -> Recompute:
+    try:
+        return Recompute(value)
+    except ValueError:
+        known = ", ".join(r.value for r in Recompute)
+        raise ValueError(f"unknown recompute mode {value!r}; known: {known}") from None
+
+
+INFERENCE = "inference"  # the mode string of a forward that saves nothing
 
 
 def _mlp_reference(
@@ -203,10 +230,12 @@ def mlp_forward(
     b_out: Tensor | None,
     activation: str,
     gated: bool,
-    save_preact: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """(y, pre or None) for 2-D x [M, D]: the implementation behind :func:`mlp`."""
+    mode: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, pre, h) for 2-D x [M, D]; ``pre`` (gate|up before the activation) and ``h`` are
+    returned where ``mode`` (a :class:`Recompute` value or ``"inference"``) saves them."""
     act = resolve(activation)
+    store_pre = mode in (Recompute.NONE, Recompute.ACTIVATION)
     if use_triton(x, w_in, b_in, w_out, b_out):
         h, pre = _k_gemm.gemm_act(
             x,
@@ -214,54 +243,65 @@ def mlp_forward(
             b_in,
             act,
             gated,
-            store_preact=save_preact,
+            store_preact=store_pre,
             allow_tf32=torch.backends.cuda.matmul.allow_tf32,
         )
     else:
         h, pre = _mlp_reference(x, w_in, b_in, act, gated)
-    return torch.nn.functional.linear(h, w_out, b_out), (pre if save_preact else None)
+    y = torch.nn.functional.linear(h, w_out, b_out)
+    return y, (pre if store_pre else None), (h if mode == Recompute.NONE else None)
 
 
 def mlp_backward_impl(
     dy: Tensor,
     x: Tensor,
     w_in: Tensor,
+    b_in: Tensor | None,
     w_out: Tensor,
-    pre: Tensor,
+    pre: Tensor | None,
+    h: Tensor | None,
     activation: str,
     gated: bool,
-    has_b_in: bool,
     has_b_out: bool,
     in_place: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
 
-    ``in_place``: d(gate|up) overwrites ``pre`` and the recomputed h overwrites dh (each element
-    is read, then written, by the same program), which takes 3H elements per token off the
-    backward's peak memory. ``pre`` is garbage afterwards.
+    ``pre`` None: recompute it from x (Recompute.GEMM). ``h`` None: recompute it (over dh's
+    buffer when ``in_place``). ``in_place``: d(gate|up) overwrites ``pre`` (each element is
+    read, then written, by the same program), which takes 2H elements per token off the
+    backward's peak memory; ``pre`` is garbage afterwards.
     """
     act = resolve(activation)
+    if pre is None:
+        pre, in_place = torch.nn.functional.linear(x, w_in, b_in), True  # a buffer of our own
     dh = dy @ w_out
+    need_h = h is None
     if use_triton(dy, pre):
         dpre = pre if in_place else torch.empty_like(pre)
-        h = dh if in_place else torch.empty_like(dh)
+        if need_h:
+            h = dh if in_place else torch.empty_like(dh)
         if gated:
             H = dh.shape[1]
-            _k_act.act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h)
+            _k_act.act_backward(
+                dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h if need_h else None
+            )
         else:
-            _k_act.act_backward(dh, pre, None, act, dpre, None, h)
+            _k_act.act_backward(dh, pre, None, act, dpre, None, h if need_h else None)
     elif gated:
         g, u = reference.split_gate_up(pre)
         dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
-        h = reference.gated_act(g, u, act)
+        h = reference.gated_act(g, u, act) if need_h else h
     else:
-        dpre, h = reference.act_backward(dh, pre, act), act(pre)
+        dpre = reference.act_backward(dh, pre, act)
+        h = act(pre) if need_h else h
+    assert h is not None
     # Output projection's gradients first, so that h (dh's buffer when in place) is freed before
     # the two GEMMs over d(gate|up) allocate theirs.
     dw_out = dy.t() @ h
     db_out = dy.sum(0) if has_b_out else None
     del h, dh
-    return dpre @ w_in, dpre.t() @ x, (dpre.sum(0) if has_b_in else None), dw_out, db_out
+    return dpre @ w_in, dpre.t() @ x, (dpre.sum(0) if b_in is not None else None), dw_out, db_out
 
 
 class MLPFunction(torch.autograd.Function):
@@ -279,12 +319,12 @@ class MLPFunction(torch.autograd.Function):
         b_out: Tensor | None,
         activation: str,
         gated: bool,
-        save: bool,
+        mode: str,
     ) -> Tensor:
-        y, pre = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, save)
-        if save:
-            ctx.meta = (activation, gated, b_in is not None, b_out is not None)
-            ctx.save_for_backward(x, w_in, w_out, pre)
+        y, pre, h = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, mode)
+        if mode != INFERENCE:
+            ctx.meta = (activation, gated, b_out is not None)
+            ctx.save_for_backward(x, w_in, b_in, w_out, pre, h)
         return y
 
     @staticmethod
@@ -295,9 +335,17 @@ class MLPFunction(torch.autograd.Function):
                 "forward: backward(retain_graph=True) followed by a second backward is not supported"
             )
         ctx.consumed = True
-        x, w_in, w_out, pre = ctx.saved_tensors
-        grads = mlp_backward_impl(dy.contiguous(), x, w_in, w_out, pre, *ctx.meta, in_place=True)
+        x, w_in, b_in, w_out, pre, h = ctx.saved_tensors
+        grads = mlp_backward_impl(dy.contiguous(), x, w_in, b_in, w_out, pre, h, *ctx.meta, in_place=True)
         return (*grads, None, None, None)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
 
 
 @torch.library.custom_op("fusedmlp::mlp", mutates_args=())
@@ -309,18 +357,19 @@ def mlp(
     b_out: Tensor | None,
     activation: str,
     gated: bool,
-    save_preact: bool,
-) -> tuple[Tensor, Tensor]:
-    """(y, pre) for 2-D x [M, D]; ``pre`` is the gate|up pre-activation when ``save_preact``
-    (training), else an empty tensor."""
-    y, pre = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, save_preact)
-    return y, (pre if pre is not None else x.new_empty(0))
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, pre, h) for 2-D x [M, D]; ``pre`` and ``h`` are empty unless ``mode`` saves them."""
+    y, pre, h = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, mode)
+    return y, _or_empty(pre, x), _or_empty(h, x)
 
 
 @mlp.register_fake
-def _(x, w_in, b_in, w_out, b_out, activation, gated, save_preact):  # type: ignore[no-untyped-def]
-    pre = x.new_empty(x.shape[0], w_in.shape[0]) if save_preact else x.new_empty(0)
-    return x.new_empty(x.shape[0], w_out.shape[0]), pre
+def _(x, w_in, b_in, w_out, b_out, activation, gated, mode):  # type: ignore[no-untyped-def]
+    store_pre = mode in (Recompute.NONE, Recompute.ACTIVATION)
+    pre = x.new_empty(x.shape[0], w_in.shape[0]) if store_pre else x.new_empty(0)
+    h = x.new_empty(x.shape[0], w_out.shape[1]) if mode == Recompute.NONE else x.new_empty(0)
+    return x.new_empty(x.shape[0], w_out.shape[0]), pre, h
 
 
 @torch.library.custom_op("fusedmlp::mlp_backward", mutates_args=())
@@ -328,52 +377,49 @@ def mlp_backward(
     dy: Tensor,
     x: Tensor,
     w_in: Tensor,
+    b_in: Tensor | None,
     w_out: Tensor,
     pre: Tensor,
+    h: Tensor,
     activation: str,
     gated: bool,
-    has_b_in: bool,
     has_b_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; absent biases get empty gradients."""
+    """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; empty ``pre``/``h`` mean recompute
+    them; absent biases get empty gradients."""
     dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
-        dy, x, w_in, w_out, pre, activation, gated, has_b_in, has_b_out
+        dy, x, w_in, b_in, w_out, _or_none(pre), _or_none(h), activation, gated, has_b_out
     )
-    return (
-        dx,
-        dw_in,
-        db_in if db_in is not None else x.new_empty(0),
-        dw_out,
-        db_out if db_out is not None else x.new_empty(0),
-    )
+    return dx, dw_in, _or_empty(db_in, x), dw_out, _or_empty(db_out, x)
 
 
 @mlp_backward.register_fake
-def _(dy, x, w_in, w_out, pre, activation, gated, has_b_in, has_b_out):  # type: ignore[no-untyped-def]
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out):  # type: ignore[no-untyped-def]
     return (
         x.new_empty(x.shape),
         w_in.new_empty(w_in.shape),
-        w_in.new_empty(w_in.shape[0]) if has_b_in else x.new_empty(0),
+        w_in.new_empty(w_in.shape[0]) if b_in is not None else x.new_empty(0),
         w_out.new_empty(w_out.shape),
         w_out.new_empty(w_out.shape[0]) if has_b_out else x.new_empty(0),
     )
 
 
-def _mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    x, w_in, b_in, w_out, b_out, activation, gated, save_preact = inputs
-    ctx.meta = (activation, gated, b_in is not None, b_out is not None, save_preact)
-    ctx.save_for_backward(x, w_in, w_out, output[1])
+def _mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, w_in, b_in, w_out, b_out, activation, gated, mode = inputs
+    ctx.meta = (activation, gated, b_out is not None, mode)
+    ctx.save_for_backward(x, w_in, b_in, w_out, output[1], output[2])
 
 
-def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor) -> tuple[Tensor | None, ...]:
-    activation, gated, has_b_in, has_b_out, save_preact = ctx.meta
-    if not save_preact:
-        raise RuntimeError("fusedmlp::mlp ran with save_preact=False, so it cannot run backward")
-    x, w_in, w_out, pre = ctx.saved_tensors
+def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor | None, ...]:
+    activation, gated, has_b_out, mode = ctx.meta
+    if mode == INFERENCE:
+        raise RuntimeError("fusedmlp::mlp ran in inference mode (nothing saved), so it cannot run backward")
+    x, w_in, b_in, w_out, pre, h = ctx.saved_tensors
     dx, dw_in, db_in, dw_out, db_out = mlp_backward(
-        dy.contiguous(), x, w_in, w_out, pre, activation, gated, has_b_in, has_b_out
+        dy.contiguous(), x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out
     )
-    return (dx, dw_in, db_in if has_b_in else None, dw_out, db_out if has_b_out else None, None, None, None)
+    db_in_ = db_in if b_in is not None else None
+    return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, None, None, None)
 
 
 mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
