@@ -4,8 +4,10 @@ A guess is cheap and may be wrong; ``verify.prove`` decides. Nothing here looks 
 of models: a block is recognised by its direct children (projections whose shapes chain, an
 activation) and the registration order of those children, which is also its state_dict order.
 
-``MATCHERS`` is the hook point: each matcher maps a block's projections and activations to
-candidates. A matcher for deeper narrow stacks (FusedSequentialMLP) can be appended later.
+``MATCHERS`` is the hook point: each matcher maps a block (and its projections and activations,
+pre-read as ``BlockParts``) to candidates. A matcher for deeper narrow stacks
+(FusedSequentialMLP: an nn.Sequential of Linear/activation pairs) is meant to be appended there;
+the proof and the swap need nothing more from it than a ``Candidate``.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ GUESS_ORDER = (
 )
 
 
-Matcher = Callable[[BlockParts], list[Candidate]]
+Matcher = Callable[[nn.Module, BlockParts], list[Candidate]]
 
 
 def _projection(name: str, child: nn.Module) -> Projection | None:
@@ -177,7 +179,7 @@ def _layout(inputs: tuple[Projection, ...], output: Projection) -> StateLayout:
     return StateLayout(tuple(p.name for p in inputs), output.name)
 
 
-def match_gated(parts: BlockParts) -> list[Candidate]:
+def match_gated(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
     """gate, up [D->H] and down [H->D'] in that registration order; or merged gate_up [D->2H], down."""
     projs = parts.projections
     if len(projs) == 3:
@@ -204,7 +206,7 @@ def match_gated(parts: BlockParts) -> list[Candidate]:
     ]
 
 
-def match_plain(parts: BlockParts) -> list[Candidate]:
+def match_plain(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
     """fc1 [D->H] then fc2 [H->D'] in registration order."""
     if len(parts.projections) != 2:
         return []
@@ -224,7 +226,7 @@ def match_plain(parts: BlockParts) -> list[Candidate]:
     ]
 
 
-def match_linear_act(parts: BlockParts) -> list[Candidate]:
+def match_linear_act(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
     """One projection and an activation held by the block itself (not only named in its config)."""
     if len(parts.projections) != 1:
         return []
@@ -249,4 +251,4 @@ def candidates(block: nn.Module) -> list[Candidate]:
     parts = block_parts(block)
     if not parts.projections:
         return []
-    return [c for matcher in MATCHERS for c in matcher(parts)]
+    return [c for matcher in MATCHERS for c in matcher(block, parts)]

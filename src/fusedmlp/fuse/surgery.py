@@ -104,6 +104,14 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
                 skipped.append(record)  # type: ignore[arg-type]
             visit(child, f"{path}.")
 
+    if find.candidates(model):  # say why a bare MLP passed as the model was left alone
+        skipped.append(
+            SkippedBlock(
+                "(model)",
+                "the model itself looks like an MLP block; fuse replaces "
+                "submodules in place, so wrap it (e.g. nn.Sequential(model))",
+            )
+        )
     visit(model, "")
     return FuseReport(tuple(fused), tuple(skipped), dry_run)
 

@@ -73,7 +73,7 @@ def _output_dropout(block: nn.Module, x: Tensor) -> tuple[Tensor, str | None]:
 
 
 def _changes_in_training(block: nn.Module, x: Tensor, y_eval: Tensor, output_dropout: str | None) -> bool:
-    with modes_restored(block), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+    with modes_restored(block):
         block.train()
         if output_dropout is not None:
             block.get_submodule(output_dropout).eval()
@@ -96,7 +96,10 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
     seed = generator.seed()
     x64 = torch.randn(*PROOF_LEAD, d, generator=generator, dtype=torch.float64).to(device)
     try:
-        with modes_restored(block), torch.no_grad():
+        # fork_rng: building a fused module initialises weights (before copying), and dropout in
+        # train mode draws; neither may move the caller's random stream.
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with modes_restored(block), torch.no_grad(), rng:
             block.eval()
             y, drop_name = _output_dropout(block, x64.to(dtype))
             if _changes_in_training(block, x64.to(dtype), y, drop_name):
