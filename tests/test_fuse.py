@@ -339,3 +339,36 @@ def test_cli_fuse(tmp_path, capsys):
     print(out)
     assert "layers.0.mlp" in out and "FusedGatedMLP" in out and "before" in out and "after fuse" in out
     assert main(["fuse", "--hf-config", "no-such-model"]) == 2
+
+
+def test_shared_tied_hooked_and_frozen_blocks():
+    shared = UserGated(16, 32)
+    model = nn.ModuleDict({"a": shared, "b": shared})  # one block registered twice
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y = shared(x)
+    report = fusedmlp.fuse(model)
+    assert len(report.fused) == 1 and model["a"] is model["b"] and type(model["a"]) is FusedGatedMLP
+    with torch.no_grad():
+        torch.testing.assert_close(model["b"](x), y, rtol=1e-5, atol=1e-6)
+    fusedmlp.unfuse(model)
+    assert model["a"] is model["b"] is shared
+
+    tied = nn.ModuleDict({"mlp": UserGated(16, 32), "other": nn.Linear(16, 32)})
+    tied["other"].weight = tied["mlp"].inp_a.weight
+    hooked = UserGated(16, 32)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    half_frozen = UserGated(16, 32)
+    half_frozen.inp_a.requires_grad_(False)
+    frozen = UserGated(16, 32).requires_grad_(False)
+    zero_out = SimpleGeGLUMLP(16, 32)  # zero-initialised output: every guess agrees on its weights
+    nn.init.zeros_(zero_out.down_proj.weight)
+    model = nn.ModuleDict(
+        {"tied": tied, "hooked": hooked, "half_frozen": half_frozen, "frozen": frozen, "zero": zero_out}
+    )
+    report = fusedmlp.fuse(model)
+    print(report)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "ties" in reasons["tied.mlp"] and "hooks" in reasons["hooked"] and "frozen" in reasons["half_frozen"]
+    assert [(b.path, b.activation) for b in report.fused] == [("frozen", "silu"), ("zero", "gelu_tanh")]
+    assert not any(p.requires_grad for p in model["frozen"].parameters())

@@ -39,12 +39,32 @@ def _strip(original: nn.Module, keep: nn.Module) -> None:
                     store[name] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
 
 
-def _try(block: nn.Module, path: str) -> tuple[FusedBlock | SkippedBlock, nn.Module | None] | None:
+def _owners(model: nn.Module) -> dict[int, set[int]]:
+    """id(parameter) -> ids of the modules that hold it directly (more than one: tied weights)."""
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    return owners
+
+
+def _try(
+    block: nn.Module, path: str, owners: dict[int, set[int]]
+) -> tuple[FusedBlock | SkippedBlock, nn.Module | None] | None:
     """None when ``block`` is no candidate (or only a guess that failed: not worth reporting);
     else the record and, when proven, the fused module."""
     cands = find.candidates(block)
     if not cands:
         return None
+    inside = {id(m) for m in block.modules()}
+    if any(owners.get(id(p), set()) - inside for p in block.parameters()):
+        if all(c.guessed for c in cands):
+            return None
+        reason = "shares (ties) weights with modules outside it; fusing would untie them"
+        return SkippedBlock(
+            path, reason, cands[0].kind.value, cands[0].activation.value, cands[0].shapes
+        ), None
     failures = []
     for cand in cands:
         proof = verify.prove(block, cand)
@@ -84,14 +104,23 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
         raise TypeError(f"filter must be a callable (module, path) -> bool, got {type(filter).__name__}")
     fused: list[FusedBlock] = []
     skipped: list[SkippedBlock] = []
+    owners = _owners(model)
+    # A module registered under two parents (shared layers) is fused once and both get the result.
+    replaced: dict[int, nn.Module] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): that one hides the second registration of a module.
+        for name, child in list(parent._modules.items()):
             path = f"{prefix}{name}"
+            if child is None:
+                continue
+            if id(child) in replaced:
+                setattr(parent, name, replaced[id(child)])
+                continue
             if isinstance(child, find.FUSED_TYPES):
                 skipped.append(SkippedBlock(path, "already fused"))
                 continue
-            outcome = _try(child, path) if filter is None or filter(child, path) else None
+            outcome = _try(child, path, owners) if filter is None or filter(child, path) else None
             if outcome is not None:
                 record, module = outcome
                 if module is not None:
@@ -99,6 +128,7 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
                     if not dry_run:
                         _strip(child, keep=module)
                         module._fusedmlp_source = _Source(child)
+                        replaced[id(child)] = module
                         setattr(parent, name, module)
                     continue
                 skipped.append(record)  # type: ignore[arg-type]
@@ -122,7 +152,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfuse expects an nn.Module, got {type(model).__name__}")
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # every registration, as in fuse
             source = getattr(child, "_fusedmlp_source", None)
             if not isinstance(source, _Source):
                 continue

@@ -6,8 +6,12 @@ Structural guessing is only safe because of this step. For one candidate it chec
    statistics): its output in train mode, with its own output dropout held in eval, must equal
    its eval output bit for bit; an output dropout, found by watching which dropout produced the
    block's output, is kept and applied by the fused module;
-3. on fresh random inputs, in fp32 and in the block's dtype, the candidate agrees with the block
-   under the numerics contract, against a float64 copy of the block.
+3. on fresh random inputs the candidate agrees with the block under the numerics contract,
+   against a float64 copy: in fp32 on a copy with fresh random weights (so that the proof cannot
+   pass by accident on degenerate weights, e.g. a zero-initialised output projection, which
+   would make every activation guess agree), and in the block's dtype with its own weights.
+Blocks with forward hooks, a patched forward, or frozen and trainable weights mixed are left
+alone before any of this: the swap would lose the hooks, or freeze/unfreeze weights.
 Forward only: the fused modules' gradients are held to the contract by their own tests.
 """
 
@@ -80,46 +84,82 @@ def _changes_in_training(block: nn.Module, x: Tensor, y_eval: Tensor, output_dro
         return not torch.equal(block(x), y_eval)
 
 
+def _randomized(block: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A float32 copy of ``block`` with fresh random weights (scaled like nn.Linear's init)."""
+    probe = copy.deepcopy(block).float()
+    for p in probe.parameters():
+        scale = p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1
+        p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * scale)
+    return probe
+
+
+def _not_swappable(block: nn.Module) -> str:
+    """Why a block must stay whatever its forward computes; empty when nothing stands in the way."""
+    for name, m in block.named_modules():
+        where = f" (on {name})" if name else ""
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"has forward hooks{where}, which the fused module would not run"
+        if "forward" in vars(m):  # patched on the instance, e.g. by accelerate's offloading hooks
+            return f"its forward is patched on the instance{where}"
+    flags = {p.requires_grad for p in block.parameters()}
+    if len(flags) > 1:
+        return "mixes frozen and trainable weights, which a merged weight cannot"
+    return ""
+
+
 def prove(block: nn.Module, candidate: Candidate) -> Proof:
     """Build ``candidate`` for ``block`` and prove it equivalent (see the module docstring).
 
-    ``block`` is left as it was (weights, train/eval flags); the proof runs without grad. The
-    inputs come from a fresh nondeterministic seed (named in a failure, to reproduce it) on a
-    private generator, so the caller's random stream is untouched.
+    ``block`` is left as it was (weights, train/eval flags); the proof runs without grad. Inputs
+    and probe weights come from a fresh nondeterministic seed (named in a failure, to reproduce
+    it) on a private generator, so the caller's random stream is untouched. Memory: a float64
+    and a float32 copy of the block exist while it runs.
     """
     param = next(iter(block.parameters()))
     device, dtype = param.device, param.dtype
     if device.type == "meta":
         return Proof(None, "weights are on the meta device; load them before fusing")
-    d = candidate.projections[0].in_features
-    generator = torch.Generator()
+    if reason := _not_swappable(block):
+        return Proof(None, reason)
+    generator = torch.Generator(device=device)
     seed = generator.seed()
-    x64 = torch.randn(*PROOF_LEAD, d, generator=generator, dtype=torch.float64).to(device)
+    x64 = torch.randn(
+        *PROOF_LEAD,
+        candidate.projections[0].in_features,
+        generator=generator,
+        device=device,
+        dtype=torch.float64,
+    )
     try:
         # fork_rng: building a fused module initialises weights (before copying), and dropout in
         # train mode draws; neither may move the caller's random stream.
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
         with modes_restored(block), torch.no_grad(), rng:
             block.eval()
-            y, drop_name = _output_dropout(block, x64.to(dtype))
-            if _changes_in_training(block, x64.to(dtype), y, drop_name):
+            # The probe has fresh random fp32 weights: with the model's own weights a proof could
+            # pass by accident (a zero-initialised output projection makes every guess agree).
+            probe = _randomized(block, generator)
+            y, drop_name = _output_dropout(probe, x64.float())
+            if _changes_in_training(probe, x64.float(), y, drop_name):
                 return Proof(None, "output changes in training mode (dropout or batch statistics inside)")
-            fused = candidate.build(block, block.get_submodule(drop_name) if drop_name else None)
+            dropout = (lambda b: b.get_submodule(drop_name)) if drop_name else (lambda b: None)
+            fused = candidate.build(block, dropout(block))
+            fused.requires_grad_(param.requires_grad)  # a frozen block stays frozen
             if not state_dict_equal(fused.state_dict(), block.state_dict()):
                 missing = sorted(set(block.state_dict()) - set(fused.state_dict()))
                 return Proof(None, f"state_dict would change (not covered: {missing or 'key order'})")
-            reference = copy.deepcopy(block).double()
             checks = []
-            for dt in dict.fromkeys((torch.float32, dtype)):
-                eager, cand = (
-                    (block, fused) if dt == dtype else (copy.deepcopy(m).to(dt) for m in (block, fused))
-                )
-                x = x64.to(dt)
-                checks.append(check_contract(f"output {dt}", cand(x), eager(x), reference(x.double())))
+            for name, eager, cand in (
+                ("fp32, random weights", probe, candidate.build(probe, dropout(probe))),
+                (f"{dtype}, model weights", block, fused),
+            ):
+                x = x64.to(param.dtype if eager is block else torch.float32)
+                reference = copy.deepcopy(eager).double()
+                checks.append(check_contract(name, cand(x), eager(x), reference(x.double())))
     except Exception as e:  # a guess whose forward breaks is a failed proof, not a crash
         return Proof(None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
     failed = [c for c in checks if not c.ok]
     if failed:
-        return Proof(None, f"outputs differ (input seed {seed}): {failed[0]}", tuple(checks))
+        return Proof(None, f"outputs differ (seed {seed}): {failed[0]}", tuple(checks))
     fused.train(block.training)
     return Proof(fused, "", tuple(checks))
