@@ -230,9 +230,24 @@ class WithNorm(UserGated):  # a parameter outside the projections
         return self.out(self.norm(self.nonlin(self.inp_a(x)) * self.inp_b(x)))
 
 
+class QuickGELU(nn.Module):  # CLIP's: an activation fusedmlp does not implement
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGELUMLP(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(d, h), nn.Linear(h, d), QuickGELU()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
 @pytest.mark.parametrize(
     "make,reason",
     [
+        (QuickGELUMLP, "none fusedmlp implements"),
         (Scaled, "outputs differ"),
         (Residual, "outputs differ"),
         (MidDropout, "training mode"),
@@ -369,6 +384,8 @@ def test_shared_tied_hooked_and_frozen_blocks():
     report = fusedmlp.fuse(model)
     print(report)
     reasons = {s.path: s.reason for s in report.skipped}
-    assert "ties" in reasons["tied.mlp"] and "hooks" in reasons["hooked"] and "frozen" in reasons["half_frozen"]
+    assert (
+        "ties" in reasons["tied.mlp"] and "hooks" in reasons["hooked"] and "frozen" in reasons["half_frozen"]
+    )
     assert [(b.path, b.activation) for b in report.fused] == [("frozen", "silu"), ("zero", "gelu_tanh")]
     assert not any(p.requires_grad for p in model["frozen"].parameters())

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from ..activations import Activation, activation_of
 from ..modules import FusedGatedMLP, FusedLinearAct, FusedMLP, StateLayout, _linear_params
@@ -71,6 +72,7 @@ class BlockParts:
     projections: tuple[Projection, ...]
     explicit: tuple[Activation, ...]
     from_config: tuple[Activation, ...]
+    unknown: tuple[str, ...] = ()  # stateless children we cannot name (CLIP's QuickGELU, say)
 
     @property
     def guessed(self) -> bool:
@@ -116,12 +118,15 @@ _CONFIG_ACT_ATTRS = ("hidden_act", "hidden_activation", "activation_function")
 def block_parts(block: nn.Module) -> BlockParts:
     projections = []
     explicit: list[Activation] = []
+    unknown: list[str] = []
     for name, child in block.named_children():
         proj = _projection(name, child)
         if proj is not None:
             projections.append(proj)
         elif (act := activation_of(child)) is not None:
             explicit.append(act)
+        elif not isinstance(child, _DropoutNd) and next(iter(child.state_dict()), None) is None:
+            unknown.append(type(child).__name__)
     for name, value in vars(block).items():
         if name.startswith("_") or isinstance(value, nn.Module):
             continue
@@ -133,7 +138,7 @@ def block_parts(block: nn.Module) -> BlockParts:
     from_config = [a for attr in _CONFIG_ACT_ATTRS if (a := activation_of(getattr(config, attr, None)))]
     # Identity is no activation to fuse, and a Sequential's positional activation is explicit.
     keep = lambda acts: tuple(a for a in dict.fromkeys(acts) if a is not Activation.IDENTITY)
-    return BlockParts(tuple(projections), keep(explicit), keep(from_config))
+    return BlockParts(tuple(projections), keep(explicit), keep(from_config), tuple(unknown))
 
 
 class _OutputDropout(nn.Module):

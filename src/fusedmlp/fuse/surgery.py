@@ -81,9 +81,13 @@ def _try(
         failures.append(f"[{cand.describe()}] {proof.reason}")
         if not proof.checks:  # failed before comparing outputs: no other activation can help
             break
-    if all(c.guessed for c in cands):
-        return None
     first = cands[0]
+    if all(c.guessed for c in cands):
+        unknown = find.block_parts(block).unknown
+        if not unknown or len(failures) < len(find.GUESS_ORDER):
+            return None  # no sign of an MLP beyond the shapes, or not a forward that fits one
+        reason = f"its activation ({', '.join(unknown)}) is none fusedmlp implements; every guess failed"
+        return SkippedBlock(path, reason, first.kind.value, "?", first.shapes), None
     return SkippedBlock(
         path, "; ".join(failures), first.kind.value, first.activation.value, first.shapes
     ), None
