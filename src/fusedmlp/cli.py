@@ -72,6 +72,8 @@ def _fuse_hf(args: argparse.Namespace, console: Console) -> int:
         f"{type(model).__name__} forward ({dtype}, {device}, {args.tokens} tokens): "
         f"{before:.1f} us before, {after:.1f} us after fuse ({before / after:.2f}x)"
     )
+    if device == "cpu":
+        console.print("(on a CPU the fused ops run Triton's interpreter or the reference: no speed to see)")
     return 0
 
 

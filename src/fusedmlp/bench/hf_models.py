@@ -82,6 +82,8 @@ def example_inputs(model: nn.Module, tokens: int = 8, batch: int = 2) -> dict[st
     name = getattr(model, "main_input_name", "input_ids")
     if name == "input_ids":
         ids = torch.randint(3, config.vocab_size, (batch, tokens), device=param.device)
+        if getattr(config, "is_encoder_decoder", False):  # T5, BART: the decoder needs ids too
+            return {"input_ids": ids, "decoder_input_ids": ids}
         return {"input_ids": ids}
     if name == "pixel_values":
         size = config.image_size

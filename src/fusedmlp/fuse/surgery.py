@@ -68,13 +68,13 @@ def _try(
     failures = []
     for cand in cands:
         proof = verify.prove(block, cand)
-        if proof.module is not None:
+        if proof.ok:
             record = FusedBlock(
                 path,
                 cand.kind.value,
                 cand.activation.value,
                 cand.shapes,
-                type(proof.module).__name__,
+                type(proof.module).__name__,  # the proven replacement
                 str(proof.checks[-1]),
             )
             return record, proof.module
@@ -84,7 +84,7 @@ def _try(
     first = cands[0]
     if all(c.guessed for c in cands):
         unknown = find.block_parts(block).unknown
-        if not unknown or len(failures) < len(find.GUESS_ORDER):
+        if not unknown or len(failures) < len(cands):
             return None  # no sign of an MLP beyond the shapes, or not a forward that fits one
         reason = f"its activation ({', '.join(unknown)}) is none fusedmlp implements; every guess failed"
         return SkippedBlock(path, reason, first.kind.value, "?", first.shapes), None
