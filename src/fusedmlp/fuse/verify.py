@@ -93,12 +93,17 @@ def _randomized(block: nn.Module, generator: torch.Generator) -> nn.Module:
     return probe
 
 
+def _check(name: str, eager: nn.Module, cand: nn.Module, x: Tensor) -> ContractCheck:
+    reference = copy.deepcopy(eager).double()
+    return check_contract(name, cand(x), eager(x), reference(x.double()))
+
+
 def _not_swappable(block: nn.Module) -> str:
     """Why a block must stay whatever its forward computes; empty when nothing stands in the way."""
     for name, m in block.named_modules():
         where = f" (on {name})" if name else ""
-        if m._forward_hooks or m._forward_pre_hooks:
-            return f"has forward hooks{where}, which the fused module would not run"
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"has hooks{where}, which the fused module would not run"
         if "forward" in vars(m):  # patched on the instance, e.g. by accelerate's offloading hooks
             return f"its forward is patched on the instance{where}"
     flags = {p.requires_grad for p in block.parameters()}
@@ -112,8 +117,8 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
 
     ``block`` is left as it was (weights, train/eval flags); the proof runs without grad. Inputs
     and probe weights come from a fresh nondeterministic seed (named in a failure, to reproduce
-    it) on a private generator, so the caller's random stream is untouched. Memory: a float64
-    and a float32 copy of the block exist while it runs.
+    it) on a private generator, so the caller's random stream is untouched. Memory: while it
+    runs, copies of the block in float32 (two) and float64 (one) exist at a time.
     """
     param = next(iter(block.parameters()))
     device, dtype = param.device, param.dtype
@@ -148,14 +153,12 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
             if not state_dict_equal(fused.state_dict(), block.state_dict()):
                 missing = sorted(set(block.state_dict()) - set(fused.state_dict()))
                 return Proof(None, f"state_dict would change (not covered: {missing or 'key order'})")
-            checks = []
-            for name, eager, cand in (
-                ("fp32, random weights", probe, candidate.build(probe, dropout(probe))),
-                (f"{dtype}, model weights", block, fused),
-            ):
-                x = x64.to(param.dtype if eager is block else torch.float32)
-                reference = copy.deepcopy(eager).double()
-                checks.append(check_contract(name, cand(x), eager(x), reference(x.double())))
+            # One at a time, so that the probe's copies are gone before the block's are made.
+            checks = [
+                _check("fp32, random weights", probe, candidate.build(probe, dropout(probe)), x64.float())
+            ]
+            del probe
+            checks.append(_check(f"{dtype}, model weights", block, fused, x64.to(dtype)))
     except Exception as e:  # a guess whose forward breaks is a failed proof, not a crash
         return Proof(None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
     failed = [c for c in checks if not c.ok]
