@@ -156,6 +156,17 @@ class UserPlainFn(nn.Module):
         return self.project(self.fn(self.expand(x)))
 
 
+class InlineExactGelu(nn.Module):
+    """Exact gelu called in forward: the guess gelu_tanh is tried first and must fail the proof."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 @pytest.mark.parametrize(
     "make,kind,act,cls,dtype",
     [
@@ -177,6 +188,7 @@ class UserPlainFn(nn.Module):
         ),
         (lambda: UserGated(24, 40), "gated", "silu", FusedGatedMLP, torch.float16),
         (lambda: UserPlainFn(24, 40), "plain", "relu", FusedMLP, torch.float32),
+        (lambda: InlineExactGelu(24, 40), "plain", "gelu", FusedMLP, torch.bfloat16),
     ],
 )
 def test_user_blocks(make, kind, act, cls, dtype):
@@ -235,6 +247,21 @@ class WithNorm(UserGated):  # a parameter outside the projections
         return self.out(self.norm(self.nonlin(self.inp_a(x)) * self.inp_b(x)))
 
 
+class _HalfGrad(torch.autograd.Function):  # identity forward, gradient halved
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class CustomBackward(UserGated):  # the same forward, a different backward
+    def forward(self, x):
+        return super().forward(_HalfGrad.apply(x))
+
+
 class QuickGELU(nn.Module):  # CLIP's: an activation fusedmlp does not implement
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -253,6 +280,7 @@ class QuickGELUMLP(nn.Module):
     "make,reason",
     [
         (QuickGELUMLP, "none fusedmlp implements"),
+        (CustomBackward, "random weights: dx"),
         (Scaled, "outputs differ"),
         (Residual, "outputs differ"),
         (MidDropout, "training mode"),

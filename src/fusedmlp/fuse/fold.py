@@ -21,6 +21,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from ..numerics import check_contract
 from .report import FoldedRun, FoldReport, SkippedRun
+from .verify import ATOL_EPS
 
 _PASS_THROUGH = (_DropoutNd, nn.Identity)  # the identity in eval
 PROOF_ROWS = 7
@@ -98,7 +99,9 @@ def _fold_run(layers: list[nn.Module]) -> tuple[nn.Linear | None, str]:
     seed = generator.seed()
     x = torch.randn(PROOF_ROWS, w.shape[1], generator=generator).to(p.device, p.dtype)
     with torch.no_grad():
-        check = check_contract("output", merged(x), eager(x), copy.deepcopy(eager).double()(x.double()))
+        check = check_contract(
+            "output", merged(x), eager(x), copy.deepcopy(eager).double()(x.double()), ATOL_EPS
+        )
     if not check.ok:
         return None, f"outputs differ (input seed {seed}): {check}"
     merged.train(False)
