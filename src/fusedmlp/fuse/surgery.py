@@ -119,7 +119,8 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
             if child is None:
                 continue
             if id(child) in replaced:
-                setattr(parent, name, replaced[id(child)])
+                if not dry_run:
+                    setattr(parent, name, replaced[id(child)])
                 continue
             if isinstance(child, find.FUSED_TYPES):
                 skipped.append(SkippedBlock(path, "already fused"))
@@ -129,10 +130,10 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
                 record, module = outcome
                 if module is not None:
                     fused.append(record)  # type: ignore[arg-type]
+                    replaced[id(child)] = module
                     if not dry_run:
                         _strip(child, keep=module)
                         module._fusedmlp_source = _Source(child)
-                        replaced[id(child)] = module
                         setattr(parent, name, module)
                     continue
                 skipped.append(record)  # type: ignore[arg-type]
