@@ -423,3 +423,22 @@ def test_shared_tied_hooked_and_frozen_blocks():
     )
     assert [(b.path, b.activation) for b in report.fused] == [("frozen", "silu"), ("zero", "gelu_tanh")]
     assert not any(p.requires_grad for p in model["frozen"].parameters())
+
+
+def test_fused_linear_act_module_and_meta_weights():
+    block = nn.Sequential(nn.Linear(12, 20), nn.GELU(approximate="tanh"))
+    fused = FusedLinearAct.from_module(block, name="0", activation="gelu_tanh")
+    assert fused.activation.value == "gelu_tanh" and state_dict_equal(fused.state_dict(), block.state_dict())
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        y_f, y_e, y_r = fused(x), block(x), copy.deepcopy(block).double()(x.double())
+    assert_contract("FusedLinearAct output", y_f, y_e, y_r)
+    with pytest.raises(ValueError, match="without dots"):
+        FusedLinearAct(nn.Linear(2, 3), "relu", name="a.b")
+    with pytest.raises(ValueError, match="2-D weight"):
+        FusedLinearAct(nn.LayerNorm(3), "relu")
+
+    with torch.device("meta"):
+        model = nn.Sequential(UserGated(8, 16))
+    report = fusedmlp.fuse(model)
+    assert not report.fused and "meta device" in report.skipped[0].reason
