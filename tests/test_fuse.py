@@ -284,7 +284,7 @@ class QuickGELUMLP(nn.Module):
         (Scaled, "outputs differ"),
         (Residual, "outputs differ"),
         (MidDropout, "training mode"),
-        (WithNorm, "state_dict would change"),
+        (WithNorm, "holds state outside its projections (norm.weight, norm.bias)"),
     ],
 )
 def test_lookalikes_are_skipped_with_the_reason(make, reason):

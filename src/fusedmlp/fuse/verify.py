@@ -12,8 +12,9 @@ Structural guessing is only safe because of this step. For one candidate it chec
    would make every activation guess agree), output and every gradient (input, weights,
    biases: a block with a custom backward is caught here); and in the block's dtype with its
    own weights, the output.
-Blocks with forward hooks, a patched forward, or frozen and trainable weights mixed are left
-alone before any of this: the swap would lose the hooks, or freeze/unfreeze weights.
+Blocks holding state other than their projections (a norm, attention: a whole transformer
+layer whose children happen to fit), with hooks, a patched forward, or frozen and trainable
+weights mixed are left alone before any of this: the swap would lose the hooks, or freeze/unfreeze weights.
 """
 
 from __future__ import annotations
@@ -163,6 +164,12 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
         return Proof(None, "weights are on the meta device; load them before fusing")
     if reason := _not_swappable(block):
         return Proof(None, reason)
+    covered = {
+        f"{p.name}.{k}" for p in candidate.projections for k in block.get_submodule(p.name).state_dict()
+    }
+    if outside := [k for k in block.state_dict() if k not in covered]:
+        more = ", ..." if len(outside) > 3 else ""
+        return Proof(None, f"holds state outside its projections ({', '.join(outside[:3])}{more})")
     generator = torch.Generator(device=device)
     seed = generator.seed()
     x64 = torch.randn(
