@@ -2,9 +2,24 @@
 
 from . import functional, ops
 from .activations import Activation
-from .modules import FusedGatedMLP, FusedMLP, StateLayout
+from .fuse import FoldReport, FuseReport, fold, fuse, unfuse
+from .modules import FusedGatedMLP, FusedLinearAct, FusedMLP, StateLayout
 from .ops import Recompute
 
 __version__ = "0.1.0"
 
-__all__ = ["Activation", "FusedGatedMLP", "FusedMLP", "Recompute", "StateLayout", "functional", "ops"]
+__all__ = [
+    "Activation",
+    "FoldReport",
+    "FuseReport",
+    "FusedGatedMLP",
+    "FusedLinearAct",
+    "FusedMLP",
+    "Recompute",
+    "StateLayout",
+    "fold",
+    "functional",
+    "fuse",
+    "ops",
+    "unfuse",
+]

@@ -338,3 +338,37 @@ class FusedMLP(_FusedMLPBase):
         return functional.mlp(
             x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation, self.recompute
         )
+
+
+class FusedLinearAct(nn.Module):
+    """y = act(proj(x)): a lone projection and its activation (BERT/ViT "intermediate").
+
+    Holds the original projection (nn.Linear or Conv1D) under its original child name, so the
+    state_dict is unchanged (``dense.weight``, ``dense.bias``) and no weight is copied; the
+    activation runs as the fused op. It is what ``fuse`` uses when the second projection of an
+    MLP lives elsewhere (BERT's "output" module adds a residual and a LayerNorm after it).
+    """
+
+    def __init__(self, proj: nn.Module, activation: str | Activation, name: str = "proj") -> None:
+        super().__init__()
+        weight, _, _ = _linear_params(proj)
+        if not name or "." in name:
+            raise ValueError(f"FusedLinearAct needs a non-empty child name without dots, got {name!r}")
+        self.proj_name = name
+        self.add_module(name, proj)
+        self.activation = resolve(activation)
+        self.out_features = weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation.value}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.act(getattr(self, self.proj_name)(x), self.activation)
+
+    @classmethod
+    def from_module(
+        cls, block: nn.Module, *, name: str, activation: str | Activation | None = None
+    ) -> FusedLinearAct:
+        """Wrap ``block``'s child ``name`` (shared, not copied) and its activation."""
+        act = activation if activation is not None else _find_activation(block)
+        return cls(block.get_submodule(name), act, name)

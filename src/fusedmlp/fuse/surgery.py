@@ -1,0 +1,169 @@
+"""fuse and unfuse: one generic walk over the module tree, no per-model code.
+
+Each module is offered to the matchers (``find.MATCHERS``); the first candidate that passes the
+proof (``verify.prove``) replaces it in its parent. The replaced module is kept on the fused one,
+its own weights dropped to the meta device (the fused module holds the live ones), so that
+``unfuse`` can put the original type back with the current weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from . import find, verify
+from .report import FusedBlock, FuseReport, SkippedBlock
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """The replaced module, weightless. A plain object, so nn.Module does not register it as a
+    child (it would add its keys to the state_dict)."""
+
+    module: nn.Module
+
+
+def _strip(original: nn.Module, keep: nn.Module) -> None:
+    """Move ``original``'s parameters and buffers to meta, except those ``keep`` shares with it
+    (FusedLinearAct holds the original projection itself)."""
+    shared = {id(t) for t in (*keep.parameters(), *keep.buffers())}
+    for m in original.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None and id(t) not in shared:
+                    meta = t.detach().to("meta")
+                    store[name] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
+def _owners(model: nn.Module) -> dict[int, set[int]]:
+    """id(parameter) -> ids of the modules that hold it directly (more than one: tied weights)."""
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    return owners
+
+
+def _try(
+    block: nn.Module, path: str, owners: dict[int, set[int]]
+) -> tuple[FusedBlock | SkippedBlock, nn.Module | None] | None:
+    """None when ``block`` is no candidate (or only a guess that failed: not worth reporting);
+    else the record and, when proven, the fused module."""
+    cands = find.candidates(block)
+    if not cands:
+        return None
+    inside = {id(m) for m in block.modules()}
+    if any(owners.get(id(p), set()) - inside for p in block.parameters()):
+        if all(c.guessed for c in cands):
+            return None
+        reason = "shares (ties) weights with modules outside it; fusing would untie them"
+        return SkippedBlock(
+            path, reason, cands[0].kind.value, cands[0].activation.value, cands[0].shapes
+        ), None
+    failures = []
+    for cand in cands:
+        proof = verify.prove(block, cand)
+        if proof.ok:
+            record = FusedBlock(
+                path,
+                cand.kind.value,
+                cand.activation.value,
+                cand.shapes,
+                type(proof.module).__name__,  # the proven replacement
+                str(proof.checks[-1]),
+            )
+            return record, proof.module
+        failures.append(f"[{cand.describe()}] {proof.reason}")
+        if not proof.checks:  # failed before comparing outputs: no other activation can help
+            break
+    first = cands[0]
+    if all(c.guessed for c in cands):
+        unknown = find.block_parts(block).unknown
+        if not unknown or len(failures) < len(cands):
+            return None  # no sign of an MLP beyond the shapes, or not a forward that fits one
+        reason = f"its activation ({', '.join(unknown)}) is none fusedmlp implements; every guess failed"
+        return SkippedBlock(path, reason, first.kind.value, "?", first.shapes), None
+    return SkippedBlock(
+        path, "; ".join(failures), first.kind.value, first.activation.value, first.shapes
+    ), None
+
+
+def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = False) -> FuseReport:
+    """Replace, in place, every MLP block of ``model`` that can be proven equivalent.
+
+    ``filter(module, path)`` chooses which modules are examined (as torchao's ``filter_fn``);
+    their children are still visited. ``dry_run`` proves but replaces nothing. Weights are not
+    modified and the state_dict is unchanged. Already-fused modules are reported and left alone,
+    so fusing twice is a no-op. The model itself is never replaced (it has no parent to hold
+    the replacement); wrap a bare MLP, e.g. in ``nn.Sequential``, to fuse it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be a callable (module, path) -> bool, got {type(filter).__name__}")
+    fused: list[FusedBlock] = []
+    skipped: list[SkippedBlock] = []
+    owners = _owners(model)
+    # A module registered under two parents (shared layers) is fused once and both get the result.
+    replaced: dict[int, nn.Module] = {}
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        # _modules, not named_children(): that one hides the second registration of a module.
+        for name, child in list(parent._modules.items()):
+            path = f"{prefix}{name}"
+            if child is None:
+                continue
+            if id(child) in replaced:
+                if not dry_run:
+                    setattr(parent, name, replaced[id(child)])
+                continue
+            if isinstance(child, find.FUSED_TYPES):
+                skipped.append(SkippedBlock(path, "already fused"))
+                continue
+            outcome = _try(child, path, owners) if filter is None or filter(child, path) else None
+            if outcome is not None:
+                record, module = outcome
+                if module is not None:
+                    fused.append(record)  # type: ignore[arg-type]
+                    replaced[id(child)] = module
+                    if not dry_run:
+                        _strip(child, keep=module)
+                        module._fusedmlp_source = _Source(child)
+                        setattr(parent, name, module)
+                    continue
+                skipped.append(record)  # type: ignore[arg-type]
+            visit(child, f"{path}.")
+
+    if find.candidates(model):  # say why a bare MLP passed as the model was left alone
+        skipped.append(
+            SkippedBlock(
+                "(model)",
+                "the model itself looks like an MLP block; fuse replaces "
+                "submodules in place, so wrap it (e.g. nn.Sequential(model))",
+            )
+        )
+    visit(model, "")
+    return FuseReport(tuple(fused), tuple(skipped), dry_run)
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Put back the modules ``fuse`` replaced, with the fused modules' current weights (as trained
+    since), on their device and dtype and in their train/eval mode. Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unfuse expects an nn.Module, got {type(model).__name__}")
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # every registration, as in fuse
+            source = getattr(child, "_fusedmlp_source", None)
+            if not isinstance(source, _Source):
+                continue
+            original = source.module
+            # assign=True takes the tensors as they are now (device, dtype), over the meta ones.
+            original.load_state_dict(child.state_dict(), assign=True)
+            original.train(child.training)
+            setattr(parent, name, original)
+    return model

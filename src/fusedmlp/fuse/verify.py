@@ -1,0 +1,213 @@
+"""The proof: a candidate replaces a block only if it computes the same function.
+
+Structural guessing is only safe because of this step. For one candidate it checks, in order:
+1. the state_dict is unchanged (same keys, order, values): nothing of the block is left out;
+2. the block does not behave differently in training (dropout inside the block, batch
+   statistics): its output in train mode, with its own output dropout held in eval, must equal
+   its eval output bit for bit; an output dropout, found by watching which dropout produced the
+   block's output, is kept and applied by the fused module;
+3. on fresh random inputs the candidate agrees with the block under the numerics contract,
+   against a float64 copy: in fp32 on a copy with fresh random weights (so that the proof cannot
+   pass by accident on degenerate weights, e.g. a zero-initialised output projection, which
+   would make every activation guess agree), output and every gradient (input, weights,
+   biases: a block with a custom backward is caught here); and in the block's dtype with its
+   own weights, the output.
+Blocks holding state other than their projections (a norm, attention: a whole transformer
+layer whose children happen to fit), with hooks, a patched forward, or frozen and trainable
+weights mixed are left alone before any of this: the swap would lose the hooks, or freeze/unfreeze weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
+
+from ..numerics import ContractCheck, check_contract, state_dict_equal
+from .find import Candidate
+
+# [4, 16, D] inputs: a batch and a sequence dimension, as models call their MLPs; 64 rows keep
+# the max-error statistic steady while staying cheap for any block size.
+PROOF_LEAD = (4, 16)
+# atol in epsilons of the largest reference value. The max error over one random sample is a
+# noisy statistic: with 1 epsilon, an equivalent fp32 Llama MLP failed its dx check in about 1
+# proof in 300 (fused max 3x eager's at one cancelling element, where eager happened to round
+# well). 4 epsilons removes that; a wrong guess (gelu for gelu_tanh, a dropped scale or residual)
+# misses by orders of magnitude more.
+ATOL_EPS = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Proof:
+    """The outcome for one candidate: ``module`` is the proven replacement, or None with ``reason``."""
+
+    module: nn.Module | None
+    reason: str = ""
+    checks: tuple[ContractCheck, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.module is not None
+
+
+@contextlib.contextmanager
+def modes_restored(module: nn.Module) -> Iterator[None]:
+    """Put back every submodule's train/eval flag on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _output_dropout(block: nn.Module, x: Tensor) -> tuple[Tensor, str | None]:
+    """The block's (eval) output on ``x``, and the name of the dropout child that produced it."""
+    outputs: dict[str, object] = {}
+    hooks = [
+        child.register_forward_hook(lambda _m, _i, out, n=name: outputs.__setitem__(n, out))
+        for name, child in block.named_children()
+        if isinstance(child, _DropoutNd)
+    ]
+    try:
+        y = block(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not isinstance(y, Tensor):
+        raise TypeError(f"the block returns {type(y).__name__}, not a tensor")
+    return y, next((n for n, out in outputs.items() if out is y), None)
+
+
+def _changes_in_training(block: nn.Module, x: Tensor, y_eval: Tensor, output_dropout: str | None) -> bool:
+    with modes_restored(block):
+        block.train()
+        if output_dropout is not None:
+            block.get_submodule(output_dropout).eval()
+        return not torch.equal(block(x), y_eval)
+
+
+def _randomized(block: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A float32 copy of ``block`` with fresh random weights (scaled like nn.Linear's init)."""
+    probe = copy.deepcopy(block).float()
+    for p in probe.parameters():
+        scale = p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1
+        p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * scale)
+    return probe
+
+
+def _check(name: str, eager: nn.Module, cand: nn.Module, x: Tensor) -> ContractCheck:
+    reference = copy.deepcopy(eager).double()
+    return check_contract(name, cand(x), eager(x), reference(x.double()), ATOL_EPS)
+
+
+def _forward_backward(module: nn.Module, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
+    """Output, input gradient and parameter gradients, the latter under the replaced module's
+    names (``source_grads`` of a fused module). Clears the gradients it made: a FusedLinearAct
+    shares its projection with the block it was built from."""
+    x = x.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        y = module(x)
+        y.backward(grad_y.to(y.dtype))
+    source_grads = getattr(module, "source_grads", None)
+    grads = source_grads() if source_grads else {n: p.grad for n, p in module.named_parameters()}
+    out = {"y": y.detach(), "dx": x.grad, **{f"d {n}": g.clone() for n, g in grads.items() if g is not None}}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def _check_with_grads(
+    name: str, eager: nn.Module, cand: nn.Module, x: Tensor, generator: torch.Generator
+) -> list[ContractCheck]:
+    """The contract on the output, the input gradient and every weight and bias gradient."""
+    reference = copy.deepcopy(eager).double()
+    with torch.no_grad():
+        shape = eager(x).shape
+    grad_y = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float64)
+    c, e = _forward_backward(cand, x, grad_y), _forward_backward(eager, x, grad_y)
+    r = _forward_backward(reference, x.double(), grad_y)
+    if list(c) != list(e):
+        raise ValueError(f"gradients differ in which tensors they cover: {list(c)} vs {list(e)}")
+    return [check_contract(f"{name}: {k}", c[k], e[k], r[k], ATOL_EPS) for k in e]
+
+
+def _not_swappable(block: nn.Module) -> str:
+    """Why a block must stay whatever its forward computes; empty when nothing stands in the way."""
+    for name, m in block.named_modules():
+        where = f" (on {name})" if name else ""
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"has hooks{where}, which the fused module would not run"
+        if "forward" in vars(m):  # patched on the instance, e.g. by accelerate's offloading hooks
+            return f"its forward is patched on the instance{where}"
+    flags = {p.requires_grad for p in block.parameters()}
+    if len(flags) > 1:
+        return "mixes frozen and trainable weights, which a merged weight cannot"
+    return ""
+
+
+def prove(block: nn.Module, candidate: Candidate) -> Proof:
+    """Build ``candidate`` for ``block`` and prove it equivalent (see the module docstring).
+
+    ``block`` is left as it was (weights, train/eval flags); the proof runs without grad. Inputs
+    and probe weights come from a fresh nondeterministic seed (named in a failure, to reproduce
+    it) on a private generator, so the caller's random stream is untouched. Memory: while it
+    runs, copies of the block in float32 (two) and float64 (one) exist at a time.
+    """
+    param = next(iter(block.parameters()))
+    device, dtype = param.device, param.dtype
+    if device.type == "meta":
+        return Proof(None, "weights are on the meta device; load them before fusing")
+    if reason := _not_swappable(block):
+        return Proof(None, reason)
+    covered = {
+        f"{p.name}.{k}" for p in candidate.projections for k in block.get_submodule(p.name).state_dict()
+    }
+    if outside := [k for k in block.state_dict() if k not in covered]:
+        more = ", ..." if len(outside) > 3 else ""
+        return Proof(None, f"holds state outside its projections ({', '.join(outside[:3])}{more})")
+    generator = torch.Generator(device=device)
+    seed = generator.seed()
+    x64 = torch.randn(
+        *PROOF_LEAD,
+        candidate.projections[0].in_features,
+        generator=generator,
+        device=device,
+        dtype=torch.float64,
+    )
+    try:
+        # fork_rng: building a fused module initialises weights (before copying), and dropout in
+        # train mode draws; neither may move the caller's random stream.
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with modes_restored(block), torch.no_grad(), rng:
+            block.eval()
+            # The probe has fresh random fp32 weights: with the model's own weights a proof could
+            # pass by accident (a zero-initialised output projection makes every guess agree).
+            probe = _randomized(block, generator)
+            y, drop_name = _output_dropout(probe, x64.float())
+            if _changes_in_training(probe, x64.float(), y, drop_name):
+                return Proof(None, "output changes in training mode (dropout or batch statistics inside)")
+            dropout = (lambda b: b.get_submodule(drop_name)) if drop_name else (lambda b: None)
+            fused = candidate.build(block, dropout(block))
+            fused.requires_grad_(param.requires_grad)  # a frozen block stays frozen
+            if not state_dict_equal(fused.state_dict(), block.state_dict()):
+                missing = sorted(set(block.state_dict()) - set(fused.state_dict()))
+                return Proof(None, f"state_dict would change (not covered: {missing or 'key order'})")
+            # One at a time, so that the probe's copies are gone before the block's are made.
+            probe.requires_grad_(True)
+            checks = _check_with_grads(
+                "fp32, random weights", probe, candidate.build(probe, dropout(probe)), x64.float(), generator
+            )
+            del probe
+            checks.append(_check(f"{dtype}, model weights", block, fused, x64.to(dtype)))
+    except Exception as e:  # a guess whose forward breaks is a failed proof, not a crash
+        return Proof(None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        return Proof(None, f"outputs differ (seed {seed}): {failed[0]}", tuple(checks))
+    fused.train(block.training)
+    return Proof(fused, "", tuple(checks))
