@@ -77,3 +77,35 @@ def test_mlp_opcheck(gated):
     # inference saves nothing for a backward: checked without gradients
     args = [t.detach() for t in (x, w_in, b_in, w_out)]
     torch.library.opcheck(ops.mlp, (*args[:3], args[3], None, "gelu_tanh", gated, "inference"))
+
+
+bwd = pytest.importorskip("fusedmlp.kernels.gemm_act_bwd")
+
+
+def _eager_bwd(dy, w_out, pre, act, gated):
+    dh = dy @ w_out
+    if gated:
+        g, u = pre.chunk(2, -1)
+        return torch.cat(reference.gated_act_backward(dh, g, u, act), -1), reference.gated_act(g, u, act)
+    return reference.act_backward(dh, pre, act), act(pre)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("M,D,N", [(1, 64, 40), (37, 72, 50), (70, 43, 33), (80, 64, 40)])
+def test_gemm_act_backward_contract(M, D, N, gated, dtype):
+    act = Activation.SILU if gated else Activation.GELU
+    dy = torch.randn(M, D, device=DEVICE).to(dtype)
+    w_out = (torch.randn(D, N, device=DEVICE) / D**0.5).to(dtype)
+    pre = torch.randn(M, (2 if gated else 1) * N, device=DEVICE).to(dtype)
+    dpre, h = bwd.gemm_act_backward(dy, w_out, pre, act, gated)
+    print("TMA path" if M > 64 and bwd._tma_ok(dy, w_out) else "pointer path")
+    e_dpre, e_h = _eager_bwd(dy, w_out, pre, act, gated)
+    r_dpre, r_h = _eager_bwd(dy.double(), w_out.double(), pre.double(), act, gated)
+    assert_contract("d pre", dpre, e_dpre, r_dpre)
+    assert_contract("h", h, e_h, r_h)
+    # in place over pre, without h: the same d(gate|up)
+    pre2 = pre.clone()
+    out, none = bwd.gemm_act_backward(dy, w_out, pre2, act, gated, dpre=pre2, store_h=False)
+    assert none is None and out.data_ptr() == pre2.data_ptr()
+    torch.testing.assert_close(out, dpre, rtol=0, atol=0)

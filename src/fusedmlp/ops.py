@@ -21,8 +21,9 @@ from .activations import resolve
 try:
     from .kernels import gated_act as _k_act
     from .kernels import gemm_act as _k_gemm
+    from .kernels import gemm_act_bwd as _k_gemm_bwd
 except ImportError:  # no triton on this platform: everything runs the reference path
-    _k_act = _k_gemm = None  # type: ignore[assignment]
+    _k_act = _k_gemm = _k_gemm_bwd = None  # type: ignore[assignment]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -181,9 +182,10 @@ act.register_autograd(_act_bwd, setup_context=_act_setup)
 #
 # Forward: one Triton GEMM with the activation in its epilogue writes h (and, when training saves
 # it, the pre-activation gate|up), then cuBLAS for the output projection.
-# Backward: dh = dy @ W_out (cuBLAS); one pointwise kernel turns dh and gate|up into d(gate|up),
-# written in the merged layout, and recomputes h for W_out's gradient unless it was saved; then
-# dx = d(gate|up) @ W_in and dW_in = d(gate|up)^T @ x are one GEMM each over the merged layout.
+# Backward: one Triton GEMM computes dh = dy @ W_out and, in its epilogue, turns dh and the saved
+# gate|up into d(gate|up), written in the merged layout (dh never reaches memory), and recomputes
+# h for W_out's gradient unless it was saved; then dx = d(gate|up) @ W_in and
+# dW_in = d(gate|up)^T @ x are one cuBLAS GEMM each over the merged layout.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -267,40 +269,43 @@ def mlp_backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
 
-    ``pre`` None: recompute it from x (Recompute.GEMM). ``h`` None: recompute it (over dh's
-    buffer when ``in_place``). ``in_place``: d(gate|up) overwrites ``pre`` (each element is
-    read, then written, by the same program), which takes 2H elements per token off the
-    backward's peak memory; ``pre`` is garbage afterwards.
+    ``pre`` None: recompute it from x (Recompute.GEMM). ``h`` None: recompute it in the
+    backward GEMM's epilogue. ``in_place``: d(gate|up) overwrites ``pre`` (each element is read,
+    then written, by the same program), which takes 2H elements per token off the backward's
+    peak memory; ``pre`` is garbage afterwards.
     """
     act = resolve(activation)
     if pre is None:
         pre, in_place = torch.nn.functional.linear(x, w_in, b_in), True  # a buffer of our own
-    dh = dy @ w_out
     need_h = h is None
     if use_triton(dy, pre):
-        dpre = pre if in_place else torch.empty_like(pre)
-        if need_h:
-            h = dh if in_place else torch.empty_like(dh)
-        if gated:
-            H = dh.shape[1]
-            _k_act.act_backward(
-                dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], h if need_h else None
-            )
-        else:
-            _k_act.act_backward(dh, pre, None, act, dpre, None, h if need_h else None)
-    elif gated:
-        g, u = reference.split_gate_up(pre)
-        dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
-        h = reference.gated_act(g, u, act) if need_h else h
+        # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
+        dpre, h_new = _k_gemm_bwd.gemm_act_backward(
+            dy,
+            w_out,
+            pre,
+            act,
+            gated,
+            dpre=pre if in_place else None,
+            store_h=need_h,
+            allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
+        h = h_new if need_h else h
     else:
-        dpre = reference.act_backward(dh, pre, act)
-        h = act(pre) if need_h else h
+        dh = dy @ w_out
+        if gated:
+            g, u = reference.split_gate_up(pre)
+            dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
+            h = reference.gated_act(g, u, act) if need_h else h
+        else:
+            dpre = reference.act_backward(dh, pre, act)
+            h = act(pre) if need_h else h
     assert h is not None
-    # Output projection's gradients first, so that h (dh's buffer when in place) is freed before
-    # the two GEMMs over d(gate|up) allocate theirs.
+    # Output projection's gradients first, so that h is freed before the two GEMMs over
+    # d(gate|up) allocate theirs.
     dw_out = dy.t() @ h
     db_out = dy.sum(0) if has_b_out else None
-    del h, dh
+    del h
     return dpre @ w_in, dpre.t() @ x, (dpre.sum(0) if b_in is not None else None), dw_out, db_out
 
 

@@ -128,20 +128,19 @@ def hf_variants(
     config: str, names: list[str], device: torch.device, dtype: torch.dtype, tokens: int
 ) -> tuple[list[Variant], dict[str, torch.Tensor]]:
     """A transformers model from its config (random weights): eager, compiled, and fused by
-    ``fusedmlp.fuse`` (built on another branch; imported lazily so this works once it lands)."""
+    ``fusedmlp.fuse``. ``config``: a local config path, or a model type with tiny sizes."""
     import copy
 
-    import fusedmlp
+    from ..fuse import fuse
 
-    fuse = getattr(fusedmlp, "fuse", None)
-    fuse = getattr(fuse, "fuse", fuse)  # the package fusedmlp.fuse or the function itself
-    if not callable(fuse):
-        raise ProfileError("--hf-config needs fusedmlp.fuse(model), which is not available in this build yet")
     try:
-        from transformers import AutoConfig, AutoModel
+        from ..bench import hf_models
+
+        model = hf_models.build_model(hf_models.hf_config(config), device, dtype)
     except ImportError:
         raise ProfileError("--hf-config needs transformers (pip install 'fusedmlp[hf]')") from None
-    model = AutoModel.from_config(AutoConfig.from_pretrained(config)).to(device=device, dtype=dtype).eval()
+    except (ValueError, OSError) as e:
+        raise ProfileError(f"--hf-config {config}: {e}") from None
     out = []
     for name in names:
         if name == "eager":

@@ -1,0 +1,205 @@
+"""Backward GEMM with the activation's derivative in its epilogue: d(gate|up) from dy.
+
+Design limit: dh = dy @ W_out is computed tile by tile and never stored; the epilogue loads the
+saved (or recomputed) gate|up values of its tile and writes d(gate|up) straight into the merged
+[M, 2N] layout that the two weight-gradient GEMMs read, and, unless h was saved, h itself for
+W_out's gradient. d(gate|up) may overwrite gate|up in place: each element is read, then written,
+by the one program that owns it. With ``gated=False`` the same kernel gives dz = dh * act'(z).
+
+Shapes: dy [M, D] (the GEMM's K is D), W_out [D, N] row-major (so B tiles are [BK, BN] slices of
+it, loaded as they lie), pre and dpre [M, 2N] (or [M, N]), h [M, N].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..activations import Activation
+from .activation import apply_act_bwd
+from .common import mma, to_storage
+from .gemm_act import _cfg, _num_sms, _tile_coords, m_bucket, smem_bytes
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+
+@triton.jit
+def _gemm_act_bwd_kernel(
+    # tensors: dy [M, K]; w [K, N] (W_out); pre, dpre [M, 2N] gate|up (or [M, N]); h [M, N]
+    dy, w, pre_ptr, dpre_ptr, h_ptr,
+    # sizes: N is the intermediate width, K the model width
+    M, N, K,
+    M_BUCKET,  # autotune key only
+    # row strides (columns unit-stride); dy and w strides serve the pointer path only
+    stride_dym, stride_wk, stride_pm, stride_dpm, stride_hm,
+    # meta
+    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not USE_TMA:
+            # out-of-range rows/columns clamped to 0: full-width loads, results never stored
+            rm = off_m + tl.arange(0, BLOCK_M)
+            rn = off_n + tl.arange(0, BLOCK_N)
+            rm = tl.where(rm < M, rm, 0).to(tl.int64)
+            rn = tl.where(rn < N, rn, 0)
+            a_ptrs = dy + rm[:, None] * stride_dym + rk[None, :]
+            b_ptrs = w + rk[:, None].to(tl.int64) * stride_wk + rn[None, :]
+        for kt in tl.range(k_tiles, warp_specialize=WARP_SPEC):
+            k0 = kt * BLOCK_K
+            if USE_TMA:
+                a = dy.load([off_m, k0])
+                b = w.load([k0, off_n])
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
+                b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K * stride_wk
+            acc = mma(a, b, acc, DOT_PRECISION)
+
+        # epilogue: dh (in acc) meets the saved pre-activation of this tile
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        rows = rows.to(tl.int64)[:, None]
+        cols = cols[None, :]
+        pre = pre_ptr + rows * stride_pm + cols
+        dpre = dpre_ptr + rows * stride_dpm + cols
+        h_out = h_ptr + rows * stride_hm + cols
+        g = tl.load(pre, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            u = tl.load(pre + N, mask=mask, other=0.0).to(tl.float32)
+            a, dg = apply_act_bwd(g, acc * u, ACT)
+            tl.store(dpre + N, to_storage(acc * a, dpre_ptr.dtype.element_ty), mask=mask)
+            if STORE_H:
+                tl.store(h_out, to_storage(a * u, h_ptr.dtype.element_ty), mask=mask)
+        else:
+            a, dg = apply_act_bwd(g, acc, ACT)
+            if STORE_H:
+                tl.store(h_out, to_storage(a, h_ptr.dtype.element_ty), mask=mask)
+        tl.store(dpre, to_storage(dg, dpre_ptr.dtype.element_ty), mask=mask)
+
+
+# One fp32 accumulator per tile plus an epilogue that reads 2 and writes 2-3 tiles: the forward's
+# 128x128x64 / 8 warps shape, and a 128x256 tile for more reuse of each dy tile.
+_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3, False),
+    _cfg(128, 128, 64, 8, 4, False),
+    _cfg(128, 256, 64, 8, 3, False),
+    _cfg(128, 128, 64, 8, 3, True),
+    _cfg(64, 128, 64, 4, 4, False),
+]
+_SMALL = _cfg(32, 64, 64, 4, 3, False, group=1)  # M <= 64
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    elem = named_args["h_ptr"].element_size()
+    keep = [c for c in configs if smem_bytes(c, elem, gated=False) <= 220 * 1024]
+    return (keep if named_args["M_BUCKET"] > 64 else [_SMALL]) or [_SMALL]
+
+
+def _set_blocks(nargs: dict) -> None:
+    if nargs["USE_TMA"]:
+        nargs["dy"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["w"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+for _c in (*_CONFIGS, _SMALL):
+    _c.pre_hook = _set_blocks
+
+_autotuned = triton.autotune(
+    configs=[*_CONFIGS, _SMALL],
+    key=["M_BUCKET", "N", "K", "GATED", "STORE_H", "USE_TMA"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_gemm_act_bwd_kernel)
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
+                       "WARP_SPEC": False}
+AUTOTUNE = True
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _tma_ok(dy: Tensor, w: Tensor) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if dy.is_cuda:
+        if torch.cuda.get_device_capability(dy.device)[0] < 9:
+            return False
+    elif dy.dtype == torch.bfloat16:  # the interpreter's descriptors garble bf16 (see gemm_act)
+        return False
+    es = dy.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (dy, w))
+
+
+def gemm_act_backward(
+    dy: Tensor,
+    w_out: Tensor,
+    pre: Tensor,
+    activation: Activation,
+    gated: bool,
+    dpre: Tensor | None = None,
+    store_h: bool = True,
+    allow_tf32: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(d pre, h or None) for dh = dy @ w_out: d(gate|up) [M, 2N] (or dz [M, N]), and h [M, N]
+    when ``store_h``. ``dpre`` may be ``pre`` itself (in place). fp32 operands use TF32 only
+    when ``allow_tf32``."""
+    M, K = dy.shape
+    k_w, N = w_out.shape
+    if k_w != K:
+        raise ValueError(f"dy has {K} columns but w_out has {k_w} rows")
+    if tuple(pre.shape) != (M, (2 if gated else 1) * N):
+        raise ValueError(f"pre has shape {tuple(pre.shape)}; expected ({M}, {(2 if gated else 1) * N})")
+    for name, t in (("dy", dy), ("w_out", w_out), ("pre", pre)):
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} needs unit-stride columns")
+    dpre = torch.empty_like(pre) if dpre is None else dpre
+    h = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_h else None
+    if M == 0 or N == 0:
+        return dpre, h
+    use_tma = M > 64 and _tma_ok(dy, w_out)
+    a: object = TensorDescriptor.from_tensor(dy, [16, 16]) if use_tma else dy
+    b: object = TensorDescriptor.from_tensor(w_out, [16, 16]) if use_tma else w_out
+    hh = h if h is not None else dpre
+    args = (a, b, pre, dpre, hh, M, N, K, m_bucket(M),
+            dy.stride(0), w_out.stride(0), pre.stride(0), dpre.stride(0), hh.stride(0))
+    ieee = dy.dtype == torch.float32 and not allow_tf32
+    meta = {"ACT": activation.code, "GATED": gated, "STORE_H": store_h, "USE_TMA": use_tma,
+            "DOT_PRECISION": "ieee" if ieee else "tf32"}
+    if not dy.is_cuda:
+        cfg = _INTERPRETER_CONFIG
+        _set_blocks({"dy": a, "w": b, **meta, **cfg})
+        _gemm_act_bwd_kernel[(min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4),)](*args, **meta, **cfg)
+        return dpre, h
+
+    def grid(cfg: dict) -> tuple[int]:
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, _num_sms(dy.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
+
+    key = (args[8], N, K, dy.dtype, gated, store_h, use_tma, ieee)
+    chosen = _TUNED.get(key)
+    if chosen is None and AUTOTUNE:
+        _autotuned[grid](*args, **meta)
+        _TUNED[key] = _autotuned.best_config
+        return dpre, h
+    if chosen is None:
+        chosen = _prune([*_CONFIGS, _SMALL], {"M_BUCKET": args[8], "h_ptr": hh})[0]
+    _set_blocks({"dy": a, "w": b, **meta, **chosen.kwargs})
+    _gemm_act_bwd_kernel[grid(chosen.kwargs)](
+        *args, **meta, **chosen.kwargs, num_warps=chosen.num_warps, num_stages=chosen.num_stages
+    )
+    return dpre, h
