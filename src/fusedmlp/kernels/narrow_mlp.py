@@ -192,11 +192,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for bf16/fp16 operands
 
 
-def _grid_programs(num_blocks: int, device: torch.device) -> int:
+def _grid_programs(num_blocks: int, device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return min(num_blocks, 2)  # the interpreter: still several blocks per program
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(num_blocks, 2 * sms)
+    return min(num_blocks, per_sm * sms)
 
 
 def _check(x: Tensor, w: Tensor, b: Tensor, widths: Sequence[int], acts: Sequence[Activation]) -> int:
@@ -252,8 +252,13 @@ def narrow_mlp_backward(
     acts: Sequence[Activation],
     block_m: int | None = None,
     num_warps: int | None = None,
+    programs_per_sm: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx [M, D0], dw [L, P, P], db [L, P]) in the storage dtype; padded entries of dw/db are 0."""
+    """(dx [M, D0], dw [L, P, P], db [L, P]) in the storage dtype; padded entries of dw/db are 0.
+
+    ``programs_per_sm``: persistent programs per SM. More hide more latency but each adds an fp32
+    partial [L, P, P] to sum and a scratch slice, and all of them should stay in L2 (50 MB on H100).
+    """
     P = _check(x, w, b, widths, acts)
     M, L = x.shape[0], len(acts)
     if tuple(dy.shape) != (M, widths[-1]):
@@ -264,7 +269,7 @@ def narrow_mlp_backward(
     bm, warps = _default_config(P, backward=True)
     bm, warps = block_m or bm, num_warps or warps
     num_blocks = triton.cdiv(M, bm)
-    G = _grid_programs(num_blocks, x.device)
+    G = _grid_programs(num_blocks, x.device, programs_per_sm)
     dw = torch.zeros((G, L, P, P), dtype=torch.float32, device=x.device)
     db = torch.zeros((G, L, P), dtype=torch.float32, device=x.device)
     scratch = torch.empty((G, L, bm, P), dtype=x.dtype, device=x.device)
