@@ -37,7 +37,8 @@ from fusedmlp.numerics import check_contract
 
 TARGET_FWD_SPEEDUP = 8.0  # issue 7, vs both eager and torch.compile
 TARGET_FWD_BWD_SPEEDUP = 4.0
-FWD_SWEEP = [(64, 4), (128, 4), (128, 8), (256, 8)]
+# (BLOCK_M, num_warps, programs per SM; 0 = one program per row block)
+FWD_SWEEP = [(64, 4, 0), (64, 4, 2), (128, 4, 0), (128, 4, 1), (128, 4, 2), (128, 8, 0), (128, 8, 2)]
 BWD_SWEEP = [(64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 1), (128, 8, 2), (128, 8, 4)]
 
 
@@ -110,9 +111,12 @@ def sweep(fused: FusedSequentialMLP, x: torch.Tensor, dy: torch.Tensor, device: 
     widths = [linears[0].in_features] + [m.out_features for m in linears]
     acts = fused.activations
     rows: list[dict[str, Any]] = []
-    for bm, warps in FWD_SWEEP:
-        fwd = functools.partial(kernels.narrow_mlp_forward, x, w, b, widths, acts, bm, warps)
-        rows.append({"kernel": "forward", "block_m": bm, "num_warps": warps, "us": median_us(fwd, device)})
+    for bm, warps, per_sm in FWD_SWEEP:
+        fwd = functools.partial(kernels.narrow_mlp_forward, x, w, b, widths, acts, bm, warps, per_sm)
+        rows.append(
+            {"kernel": "forward", "block_m": bm, "num_warps": warps, "programs_per_sm": per_sm,
+             "us": median_us(fwd, device)}
+        )
     for bm, warps, per_sm in BWD_SWEEP:
         bwd = functools.partial(kernels.narrow_mlp_backward, dy, x, w, b, widths, acts, bm, warps, per_sm)
         rows.append(

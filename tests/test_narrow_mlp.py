@@ -63,6 +63,8 @@ STACKS = {
     "odd": ([7, 33, 50, 5], ["gelu", "none", "sigmoid"], [True, False, True], (300,)),
     "depth1": ([12, 9], ["silu"], [True], (5, 7)),
     "depth5": ([16, 20, 17, 24, 16, 3], ["relu", "gelu_tanh", "silu", "gelu", "identity"], True, (37,)),
+    # P = 256: the forward kernel at its widest; the backward (and fp32) take the torch path
+    "wide": ([100, 256, 3], ["silu", "identity"], [False, True], (70,)),
 }
 
 
@@ -191,3 +193,22 @@ def test_compile_fullgraph():
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(g, x.grad)
     torch.testing.assert_close(gw, fused.get_submodule("0").weight.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_serve_what_fits(dtype, monkeypatch):
+    """The Triton kernels (not the torch fallback) run wherever kernel_fits says they do."""
+    from fusedmlp.kernels import narrow_mlp as kernels
+
+    calls = []
+    for name in ("narrow_mlp_forward", "narrow_mlp_backward"):
+        real = getattr(kernels, name)
+        spy = lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        monkeypatch.setattr(kernels, name, spy)
+    seq = make_seq([9, 40, 4], ["gelu", "identity"], True, dtype)
+    x = torch.randn(6, 9, device=DEVICE, dtype=dtype, requires_grad=True)
+    FusedSequentialMLP.from_module(seq)(x).sum().backward()
+    expected = ["narrow_mlp_forward"] + (["narrow_mlp_backward"] if dtype != torch.float32 else [])
+    assert calls == expected
+    assert kernels.kernel_fits(256, torch.bfloat16, backward=False)
+    assert not kernels.kernel_fits(256, torch.bfloat16, backward=True)

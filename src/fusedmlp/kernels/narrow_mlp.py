@@ -75,29 +75,33 @@ def _narrow_mlp_fwd_kernel(
     # pointers: x [M, D0], packed w [L, P, P] and b [L, P] (contiguous), y [M, D_L]
     x_ptr, w_ptr, b_ptr, y_ptr,
     # sizes
-    M,
+    M, num_blocks,
     # strides of x (any) and y (unit columns)
     stride_xm, stride_xk, stride_ym,
     # meta: L layers; WIDTHS (D0, ..., D_L) and ACTS (one code per layer) are constexpr tuples
     L: tl.constexpr, P: tl.constexpr, WIDTHS: tl.constexpr, ACTS: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Persistent when launched with fewer programs than row blocks: the weight loads are then
+    # loop-invariant (the compiler may keep them in registers across blocks) and the next block's
+    # x can be prefetched while this one computes. With one program per block, one iteration.
     dtype = y_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, P)
-    row_ok = (rows < M)[:, None]
-    a = tl.load(
-        x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-        mask=row_ok & (cols < WIDTHS[0])[None, :],
-        other=0.0,
-    )
-    for l in tl.static_range(L):
-        h = apply_act(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), ACTS[l])
-        h = tl.where((cols < WIDTHS[l + 1])[None, :], h, 0.0)
-        a = to_storage(h, dtype)
-    tl.store(
-        y_ptr + rows[:, None] * stride_ym + cols[None, :], a, mask=row_ok & (cols < WIDTHS[L])[None, :]
-    )
+    for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = (rows < M)[:, None]
+        a = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=row_ok & (cols < WIDTHS[0])[None, :],
+            other=0.0,
+        )
+        for l in tl.static_range(L):
+            h = apply_act(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), ACTS[l])
+            h = tl.where((cols < WIDTHS[l + 1])[None, :], h, 0.0)
+            a = to_storage(h, dtype)
+        tl.store(
+            y_ptr + rows[:, None] * stride_ym + cols[None, :], a, mask=row_ok & (cols < WIDTHS[L])[None, :]
+        )
 
 
 @triton.jit
@@ -168,6 +172,19 @@ def _narrow_mlp_bwd_kernel(
         )
 
 
+def kernel_fits(padded: int, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether the kernel at padded width P = ``padded`` fits sm_90's 227 KB of shared memory per
+    program, from compiling for sm_90a (default configs; L=3, or 9 at P=64; the need grows little with L):
+    bf16/fp16 forward 24 KB at P=64, 164 KB at P=256; backward 48 KB at P=64, 96 KB at P=128 but
+    320 KB at P=256. fp32 (ieee FMA dots) forward 128 KB at P=128, 321 KB at P=256; the fp32
+    backward needs 240 KB already at P=32 (576 KB at P=64, and tf32x3 is no better). The ops run
+    the torch reference where this is False, on every device alike, so CI tests what a GPU runs.
+    """
+    if dtype == torch.float32:
+        return not backward and padded <= 128
+    return padded <= (128 if backward else MAX_WIDTH)
+
+
 def padded_width(widths: Sequence[int]) -> int:
     """P: the one padded width of every layer (a power of two, at least tl.dot's 16)."""
     return max(16, triton.next_power_of_2(max(widths)))
@@ -184,6 +201,13 @@ def _default_config(P: int, backward: bool) -> tuple[int, int]:
     return (64, 8)
 
 
+def _num_stages(dtype: torch.dtype) -> int:
+    # fp32: the software pipeliner multi-buffers the loop-invariant weight tiles of the FMA dots
+    # (589 KB of shared memory at P=128 with the default 3 stages, 128 KB with 1). bf16/fp16 compile
+    # to the same 24 KB either way at P=64, so they keep the default.
+    return 1 if dtype == torch.float32 else 3
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 storage: full-precision fp32 dots unless the user opted in to TF32 for matmuls, the
     # switch eager follows too (so the numerics contract compares like with like).
@@ -193,6 +217,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _grid_programs(num_blocks: int, device: torch.device, per_sm: int) -> int:
+    """Persistent programs: ``per_sm`` per SM (0: one program per row block)."""
+    if per_sm == 0:
+        return num_blocks
     if device.type != "cuda":
         return min(num_blocks, 2)  # the interpreter: still several blocks per program
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -224,8 +251,10 @@ def narrow_mlp_forward(
     acts: Sequence[Activation],
     block_m: int | None = None,
     num_warps: int | None = None,
+    programs_per_sm: int = 2,
 ) -> Tensor:
-    """y [M, D_L] of the stack over a 2-D x [M, D0]; ``block_m``/``num_warps`` override the config."""
+    """y [M, D_L] of the stack over a 2-D x [M, D0]; ``block_m``/``num_warps`` override the config;
+    ``programs_per_sm`` 0 launches one program per row block instead of a persistent grid."""
     P = _check(x, w, b, widths, acts)
     M = x.shape[0]
     y = torch.empty((M, widths[-1]), dtype=x.dtype, device=x.device)
@@ -233,12 +262,14 @@ def narrow_mlp_forward(
         return y
     bm, warps = _default_config(P, backward=False)
     bm, warps = block_m or bm, num_warps or warps
-    _narrow_mlp_fwd_kernel[(triton.cdiv(M, bm),)](
+    num_blocks = triton.cdiv(M, bm)
+    _narrow_mlp_fwd_kernel[(_grid_programs(num_blocks, x.device, programs_per_sm),)](
         x, w, b, y,
-        M,
+        M, num_blocks,
         x.stride(0), x.stride(1), y.stride(0),
         L=len(acts), P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
         BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps,
+        num_stages=_num_stages(x.dtype),
     )
     return y
 
@@ -279,5 +310,6 @@ def narrow_mlp_backward(
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0),
         L=L, P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
         BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps,
+        num_stages=_num_stages(x.dtype),
     )
     return dx, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype)
