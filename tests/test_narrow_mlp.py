@@ -212,3 +212,12 @@ def test_kernels_serve_what_fits(dtype, monkeypatch):
     assert calls == expected
     assert kernels.kernel_fits(256, torch.bfloat16, backward=False)
     assert not kernels.kernel_fits(256, torch.bfloat16, backward=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_propagate_as_eager(dtype):
+    seq = make_seq([6, 20, 4], ["relu", "identity"], True, dtype)
+    x = torch.randn(5, 6, device=DEVICE).to(dtype)
+    x[1, 2] = float("nan")
+    x[3, 0] = float("inf")
+    check_contract(seq, x)

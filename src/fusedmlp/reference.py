@@ -123,6 +123,12 @@ def narrow_mlp(
     return x
 
 
+def _act_grad(activation: str | Activation, z: Tensor, grad: Tensor) -> Tensor:
+    if resolve(activation) is Activation.RELU:  # as torch's threshold_backward: NaN z passes grad on
+        return torch.where(z <= 0, 0, grad)
+    return grad * act_derivative(activation, z)
+
+
 def narrow_mlp_backward(
     grad: Tensor,
     x: Tensor,
@@ -138,7 +144,7 @@ def narrow_mlp_backward(
     dws: list[Tensor] = []
     dbs: list[Tensor] = []
     for w, z, h, a in reversed(list(zip(weights, zs, hs, activations, strict=False))):
-        dz = grad * act_derivative(a, z)
+        dz = _act_grad(a, z, grad)
         dws.append(dz.reshape(-1, dz.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
         dbs.append(dz.reshape(-1, dz.shape[-1]).sum(0))
         grad = dz @ w
