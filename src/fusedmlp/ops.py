@@ -192,10 +192,10 @@ def unpack_narrow_mlp(w: Tensor, b: Tensor, widths: list[int]) -> tuple[list[Ten
     )
 
 
-def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int], backward: bool) -> bool:
+def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int]) -> bool:
     if _k_narrow is None or max(widths) > _k_narrow.MAX_WIDTH or not use_triton(x, w, b):
         return False
-    return _k_narrow.kernel_fits(w.shape[-1], x.dtype, backward)
+    return _k_narrow.kernel_fits(w.shape[-1], x.dtype)
 
 
 @torch.library.custom_op("fusedmlp::narrow_mlp", mutates_args=())
@@ -204,7 +204,7 @@ def narrow_mlp(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: 
     ``widths`` = [D_0, ..., D_L], ``activations`` one name per layer, comma-separated ("identity"
     for none; a comma-joined str because custom ops take no list of strings)."""
     acts = [resolve(a) for a in activations.split(",")]
-    if not _narrow_on_triton(x, w, b, widths, backward=False):
+    if not _narrow_on_triton(x, w, b, widths):
         weights, biases = unpack_narrow_mlp(w, b, widths)
         return reference.narrow_mlp(x, weights, list(biases), list(acts))
     y = _k_narrow.narrow_mlp_forward(x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts)
@@ -222,7 +222,7 @@ def narrow_mlp_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw [L, P, P], db [L, P]) of :func:`narrow_mlp`; padded entries of dw and db are zero."""
     acts = [resolve(a) for a in activations.split(",")]
-    if not _narrow_on_triton(x, w, b, widths, backward=True):
+    if not _narrow_on_triton(x, w, b, widths):
         weights, biases = unpack_narrow_mlp(w, b, widths)
         dx, dws, dbs = reference.narrow_mlp_backward(grad, x, weights, list(biases), list(acts))
         dw, db = torch.zeros_like(w), torch.zeros_like(b)

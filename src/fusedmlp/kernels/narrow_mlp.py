@@ -3,8 +3,10 @@
 Design limit: every layer's weight fits on chip as one [P, P] tile, P = next power of two of the
 widest layer (>= 16, tl.dot's smallest tile), so each program runs the whole stack over its row
 block with the activations held in registers between layers; only x is read and y written.
-Eager and torch.compile run one GEMM per layer and round-trip every [M, width] activation
-through GPU memory (4.3 GB for batch 2^20, 32 -> 64 x8 -> 16); fused the stack moves ~0.1 GB.
+Where that tile (or the backward's working set) exceeds shared memory, ``kernel_fits`` says so
+and the ops run the torch reference instead. Eager and torch.compile run one GEMM per layer and
+round-trip every [M, width] activation through GPU memory (4.3 GB for batch 2^20,
+32 -> 64 x8 -> 16); fused, the stack moves ~0.1 GB.
 
 Weights come packed: ``w`` [L, P, P] (layer l's [out, in] weight in the top-left corner, zeros
 elsewhere) and ``b`` [L, P] (zeros where a layer has no bias or past its width). One padded
@@ -18,11 +20,14 @@ runtime select over all activations (a runtime code per layer would evaluate erf
 rest for every element of every layer). The price is one compilation per architecture, which a
 model pays once.
 
+The forward may run persistent too (``programs_per_sm``): the same kernel, looping over blocks.
+
 Backward: one persistent launch of G programs (G ~ 2 per SM). Each program walks its row
 blocks; per block it recomputes the forward from x, parking each layer's pre-activation z_l
 (storage dtype, as eager saves it) in a private scratch slice [L, BLOCK_M, P] that is reused by
-every block of the program, so the scratch (G * L * BLOCK_M * P elements) stays in L2 instead of
-costing the L * M * width bytes eager saves. It then walks back through the layers: dz_l, db_l,
+every block of the program, so the scratch (G * L * BLOCK_M * P elements, 39 MB for the 2^20 x
+64-wide case at 2 programs per SM on H100) can live in L2, instead of the L * M * width elements
+eager saves. It then walks back through the layers: dz_l, db_l,
 dW_l += dz_l^T h_{l-1} into the program's fp32 partial sums, and dh_{l-1} = dz_l W_l, ending in
 dx. The G partials are summed by torch afterwards: deterministic, and a second small launch.
 Math is fp32 (tl.dot accumulates in fp32); the operands of each dot are rounded to the storage
@@ -172,17 +177,17 @@ def _narrow_mlp_bwd_kernel(
         )
 
 
-def kernel_fits(padded: int, dtype: torch.dtype, backward: bool) -> bool:
-    """Whether the kernel at padded width P = ``padded`` fits sm_90's 227 KB of shared memory per
-    program, from compiling for sm_90a (default configs; L=3, or 9 at P=64; the need grows little with L):
-    bf16/fp16 forward 24 KB at P=64, 164 KB at P=256; backward 48 KB at P=64, 96 KB at P=128 but
-    320 KB at P=256. fp32 (ieee FMA dots) forward 128 KB at P=128, 321 KB at P=256; the fp32
-    backward needs 240 KB already at P=32 (576 KB at P=64, and tf32x3 is no better). The ops run
-    the torch reference where this is False, on every device alike, so CI tests what a GPU runs.
+def kernel_fits(padded: int, dtype: torch.dtype) -> bool:
+    """Whether the forward and backward kernels at padded width P = ``padded`` fit sm_90's 227 KB
+    of shared memory per program. From compiling the default configs for sm_90a (L=3; at P=64,
+    L=9 needs the same):
+    bf16/fp16 forward 24 KB at P=64, 164 KB at P=256; backward 48 KB at P=64, 96 KB at P=128,
+    144 KB at P=256 (BLOCK_M=32, 4 warps; 320 KB at BLOCK_M=64, 8 warps). fp32 (ieee FMA dots)
+    forward 128 KB at P=128 but 321 KB at P=256 (the [256, 256] fp32 weight tile alone is 256 KB);
+    backward 64 KB at P=64, 96 KB at P=128. The ops run the torch reference where this is False,
+    on every device alike, so CI under the interpreter tests the path a GPU takes.
     """
-    if dtype == torch.float32:
-        return not backward and padded <= 128
-    return padded <= (128 if backward else MAX_WIDTH)
+    return padded <= (128 if dtype == torch.float32 else MAX_WIDTH)
 
 
 def padded_width(widths: Sequence[int]) -> int:
@@ -198,14 +203,13 @@ def _default_config(P: int, backward: bool) -> tuple[int, int]:
         return (128, 8) if backward else (128, 4)
     if P <= 128:
         return (64, 8) if backward else (128, 8)
-    return (64, 8)
+    return (32, 4) if backward else (64, 8)  # backward: 144 KB of shared memory; 320 KB at (64, 8)
 
 
-def _num_stages(dtype: torch.dtype) -> int:
-    # fp32: the software pipeliner multi-buffers the loop-invariant weight tiles of the FMA dots
-    # (589 KB of shared memory at P=128 with the default 3 stages, 128 KB with 1). bf16/fp16 compile
-    # to the same 24 KB either way at P=64, so they keep the default.
-    return 1 if dtype == torch.float32 else 3
+# num_stages=1 on every launch: the software pipeliner multi-buffers the loop-invariant weight
+# tiles of the fp32 (FMA) dots across the persistent loop, 589 KB of shared memory at P=128
+# against 128 KB with one stage; for bf16 the sm_90a compiles use the same shared memory either
+# way (24 KB forward, 48 KB backward at P=64), i.e. nothing there was being pipelined.
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -269,7 +273,7 @@ def narrow_mlp_forward(
         x.stride(0), x.stride(1), y.stride(0),
         L=len(acts), P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
         BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps,
-        num_stages=_num_stages(x.dtype),
+        num_stages=1,
     )
     return y
 
@@ -310,6 +314,6 @@ def narrow_mlp_backward(
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0),
         L=L, P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
         BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps,
-        num_stages=_num_stages(x.dtype),
+        num_stages=1,
     )
     return dx, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype)
