@@ -62,7 +62,11 @@ def _git_commit() -> str:
 
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    """One training step's forward and backward, gradients set to None first (no accumulate)."""
+
     def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
         module(x).backward(dy)
 
     return step

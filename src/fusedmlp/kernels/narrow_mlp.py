@@ -127,8 +127,7 @@ def _narrow_mlp_bwd_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, P)
     r = tl.arange(0, BLOCK_M)
-    # this program's private slices; each block's updates finish before the next block's loads,
-    # with CTA barriers in between (every dot stages its operands through shared memory)
+    # this program's private slices of the partial sums and the scratch
     dw_ptr += pid.to(tl.int64) * L * P * P + cols[:, None] * P + cols[None, :]
     db_ptr += pid.to(tl.int64) * L * P + cols
     z_ptr += pid.to(tl.int64) * L * BLOCK_M * P + r[:, None] * P + cols[None, :]
@@ -139,14 +138,17 @@ def _narrow_mlp_bwd_kernel(
         x_mask = row_ok & (cols < WIDTHS[0])[None, :]
         x_ptrs = x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk
 
-        # forward, parking every pre-activation (rows past M hold act(b), and get dy = 0 below)
+        # forward, parking the pre-activations of all but the last layer, whose z stays in
+        # registers (rows past M hold act(b) and get dy = 0 below)
         a = tl.load(x_ptrs, mask=x_mask, other=0.0)
         for l in tl.static_range(L):
             z = to_storage(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), dtype)
-            tl.store(z_ptr + l * BLOCK_M * P, z)
             if l + 1 < L:
+                tl.store(z_ptr + l * BLOCK_M * P, z)
                 h = apply_act(z.to(tl.float32), ACTS[l])
                 a = to_storage(tl.where((cols < WIDTHS[l + 1])[None, :], h, 0.0), dtype)
+        # the walk may read a z element with another thread than the one that stored it
+        tl.debug_barrier()
 
         # backward: g is dL/dh_l in fp32; z_l is carried from one step to the next
         g = tl.load(
@@ -154,7 +156,7 @@ def _narrow_mlp_bwd_kernel(
             mask=row_ok & (cols < WIDTHS[L])[None, :],
             other=0.0,
         ).to(tl.float32)
-        z = tl.load(z_ptr + (L - 1) * BLOCK_M * P).to(tl.float32)
+        z = z.to(tl.float32)
         for l in tl.static_range(L - 1, -1, -1):
             _, dz = apply_act_bwd(z, g, ACTS[l])
             dz = tl.where((cols < WIDTHS[l + 1])[None, :], dz, 0.0)
@@ -175,6 +177,9 @@ def _narrow_mlp_bwd_kernel(
             to_storage(g, dtype),
             mask=x_mask,
         )
+        # the next block's scratch stores and partial-sum loads must follow this block's, in
+        # every thread (a layout change may hand an element to another thread)
+        tl.debug_barrier()
 
 
 def kernel_fits(padded: int, dtype: torch.dtype) -> bool:
