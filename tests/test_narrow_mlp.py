@@ -220,3 +220,16 @@ def test_nan_and_inf_propagate_as_eager(dtype):
     x[1, 2] = float("nan")
     x[3, 0] = float("inf")
     check_contract(seq, x)
+
+
+def test_autocast_bf16():
+    seq = make_seq([12, 24, 5], ["gelu", "identity"])
+    fused = FusedSequentialMLP.from_module(seq)
+    x = torch.randn(6, 12, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y_f, y_e = fused(x), seq(x)
+    assert y_f.dtype == y_e.dtype == torch.bfloat16
+    torch.testing.assert_close(y_f.float(), y_e.float(), rtol=2e-2, atol=2e-2)
+    y_f.float().sum().backward()
+    w = fused.get_submodule("0").weight
+    assert w.grad is not None and w.grad.dtype == torch.float32
