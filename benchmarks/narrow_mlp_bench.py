@@ -114,23 +114,20 @@ def sweep(fused: FusedSequentialMLP, x: torch.Tensor, dy: torch.Tensor, device: 
         w, b = functional.pack_narrow_mlp([m.weight for m in linears], [m.bias for m in linears])
     widths = [linears[0].in_features] + [m.out_features for m in linears]
     acts = fused.activations
+    cases = [("forward", kernels.narrow_mlp_forward, (x,), cfg) for cfg in FWD_SWEEP]
+    cases += [("backward", kernels.narrow_mlp_backward, (dy, x), cfg) for cfg in BWD_SWEEP]
     rows: list[dict[str, Any]] = []
-    for bm, warps, per_sm in FWD_SWEEP:
-        fwd = functools.partial(kernels.narrow_mlp_forward, x, w, b, widths, acts, bm, warps, per_sm)
-        rows.append(
-            {"kernel": "forward", "block_m": bm, "num_warps": warps, "programs_per_sm": per_sm,
-             "us": median_us(fwd, device)}
-        )
-    for bm, warps, per_sm in BWD_SWEEP:
-        bwd = functools.partial(kernels.narrow_mlp_backward, dy, x, w, b, widths, acts, bm, warps, per_sm)
-        rows.append(
-            {"kernel": "backward", "block_m": bm, "num_warps": warps, "programs_per_sm": per_sm,
-             "us": median_us(bwd, device)}
-        )
-    for r in rows:
-        per_sm = f"programs/SM={r['programs_per_sm']}" if "programs_per_sm" in r else ""
-        cfg = f"BLOCK_M={r['block_m']:3d} warps={r['num_warps']} {per_sm:14s}"
-        print(f"  {r['kernel']:8s} {cfg} {r['us']:9.1f} us")
+    for kernel, launch, inputs, (bm, warps, per_sm) in cases:
+        row: dict[str, Any] = {"kernel": kernel, "block_m": bm, "num_warps": warps, "programs_per_sm": per_sm}
+        try:  # a config that does not fit this GPU is a result too, not the end of the run
+            fn = functools.partial(launch, *inputs, w, b, widths, acts, bm, warps, per_sm)
+            row["us"] = median_us(fn, device)
+            shown = f"{row['us']:9.1f} us"
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            shown = row["error"][:80]
+        print(f"  {kernel:8s} BLOCK_M={bm:3d} warps={warps} programs/SM={per_sm} {shown}")
+        rows.append(row)
     return rows
 
 
@@ -181,8 +178,15 @@ def main(argv: list[str] | None = None) -> int:
                 m(x)
 
         step = _fwd_bwd(m, x_grad, dy)
-        fwd_us = median_us(fwd, device)
-        fwd_bwd_us = median_us(step, device)
+        try:
+            fwd_us = median_us(fwd, device)
+            fwd_bwd_us = median_us(step, device)
+        except Exception as e:
+            if name == "fusedmlp":
+                raise
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}  # e.g. no compiler for inductor
+            print(f"{name}: failed: {results[name]['error']}")
+            continue
         results[name] = {
             "fwd_us": fwd_us,
             "fwd_bwd_us": fwd_bwd_us,
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         m.zero_grad(set_to_none=True)
         x_grad.grad = None
 
-    base = {k: v for k, v in results.items() if k != "fusedmlp"}
+    base = {k: v for k, v in results.items() if k != "fusedmlp" and "error" not in v}
     speedups = {
         f"{kind} vs {k}": results[k][f"{kind}_us"] / results["fusedmlp"][f"{kind}_us"]
         for k in base
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':15s} {'fwd us':>10s} {'fwd+bwd us':>11s} {'fwd TFLOP/s':>12s} "
           f"{'fwd IO GB/s':>12s} {'train peak MiB':>15s}")
     for name, r in results.items():
+        if "error" in r:
+            continue
         peak = "-" if r["train_step_peak_mib"] is None else f"{r['train_step_peak_mib']:.1f}"
         print(f"{name:15s} {r['fwd_us']:10.1f} {r['fwd_bwd_us']:11.1f} {r['fwd_tflops']:12.1f} "
               f"{r['fwd_io_gbs']:12.1f} {peak:>15s}")
