@@ -21,10 +21,6 @@ try:
     from .kernels import gated_act as _k_act
 except ImportError:  # no triton on this platform: everything runs the reference path
     _k_act = None
-try:
-    from .kernels import narrow_mlp as _k_narrow
-except ImportError:
-    _k_narrow = None
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -190,6 +186,12 @@ def unpack_narrow_mlp(w: Tensor, b: Tensor, widths: list[int]) -> tuple[list[Ten
         [w[i, : widths[i + 1], : widths[i]] for i in range(L)],
         [b[i, : widths[i + 1]] for i in range(L)],
     )
+
+
+try:  # here rather than at the top, so that this section merges as one block
+    from .kernels import narrow_mlp as _k_narrow
+except ImportError:
+    _k_narrow = None
 
 
 def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int]) -> bool:
