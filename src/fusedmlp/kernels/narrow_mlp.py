@@ -22,12 +22,12 @@ model pays once.
 
 The forward may run persistent too (``programs_per_sm``): the same kernel, looping over blocks.
 
-Backward: one persistent launch of G programs (G ~ 2 per SM). Each program walks its row
+Backward: one persistent launch of G programs (one per SM by default). Each program walks its row
 blocks; per block it recomputes the forward from x, parking each layer's pre-activation z_l
 (storage dtype, as eager saves it) in a private scratch slice [L, BLOCK_M, P] that is reused by
-every block of the program, so the scratch (G * L * BLOCK_M * P elements, 39 MB for the 2^20 x
-64-wide case at 2 programs per SM on H100) can live in L2, instead of the L * M * width elements
-eager saves. It then walks back through the layers: dz_l, db_l,
+every block of the program, so the scratch (G * L * BLOCK_M * P elements: 19 MB for the
+2^20 x 64-wide case at one program per SM on H100) can live in L2, instead of the L * M * width
+elements eager saves. It then walks back through the layers: dz_l, db_l,
 dW_l += dz_l^T h_{l-1} into the program's fp32 partial sums, and dh_{l-1} = dz_l W_l, ending in
 dx. The G partials are summed by torch afterwards: deterministic, and a second small launch.
 Math is fp32 (tl.dot accumulates in fp32); the operands of each dot are rounded to the storage
@@ -292,12 +292,14 @@ def narrow_mlp_backward(
     acts: Sequence[Activation],
     block_m: int | None = None,
     num_warps: int | None = None,
-    programs_per_sm: int = 2,
+    programs_per_sm: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [M, D0], dw [L, P, P], db [L, P]) in the storage dtype; padded entries of dw/db are 0.
 
     ``programs_per_sm``: persistent programs per SM. More hide more latency but each adds an fp32
     partial [L, P, P] to sum and a scratch slice, and all of them should stay in L2 (50 MB on H100).
+    Default 1: at P=64 the default (128 rows, 8 warps) takes 255 registers/thread, i.e. the whole
+    register file, so a second program per SM could not be resident anyway.
     """
     P = _check(x, w, b, widths, acts)
     M, L = x.shape[0], len(acts)
