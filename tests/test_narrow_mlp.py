@@ -131,6 +131,14 @@ def test_inference_cache_follows_parameter_updates():
         fused.get_submodule("2").weight.mul_(2)  # an optimizer-style in-place update
         torch.testing.assert_close(fused(x), 2 * y0 - fused.get_submodule("2").bias)
         assert fused._packed is not packed
+    # frozen weights and an input that wants a gradient, after an inference_mode call: the
+    # cached buffer (an inference tensor) serves the backward too
+    fused.requires_grad_(False)
+    with torch.inference_mode():
+        fused(x)
+    x.requires_grad_()
+    fused(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize(
