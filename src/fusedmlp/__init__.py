@@ -3,7 +3,14 @@
 from . import functional, ops
 from .activations import Activation
 from .fuse import FoldReport, FuseReport, fold, fuse, unfuse
-from .modules import FusedGatedMLP, FusedLinearAct, FusedMLP, StateLayout
+from .modules import (
+    FusedGatedMLP,
+    FusedLinearAct,
+    FusedMLP,
+    FusedSequentialMLP,
+    StateLayout,
+    can_fuse_sequential,
+)
 from .ops import Recompute
 
 __version__ = "0.1.0"
@@ -15,8 +22,10 @@ __all__ = [
     "FusedGatedMLP",
     "FusedLinearAct",
     "FusedMLP",
+    "FusedSequentialMLP",
     "Recompute",
     "StateLayout",
+    "can_fuse_sequential",
     "fold",
     "functional",
     "fuse",

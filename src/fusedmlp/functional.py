@@ -7,6 +7,7 @@ TypeError naming the tensor and what is wrong with it, rather than failing insid
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -145,3 +146,68 @@ def mlp(
     check_inputs(x, d, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
     _check_weight("fc2_weight", fc2_weight, (fc2_weight.shape[0], h))
     return _run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, recompute)
+    return F.linear(ops.act(F.linear(x, fc1_weight, fc1_bias), act_.value), fc2_weight, fc2_bias)
+
+
+NARROW_MAX_WIDTH = 256
+
+
+def pack_narrow_mlp(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """Zero-padded [L, P, P] weights and [L, P] biases (zeros for a missing bias), P the next power of
+    two >= 16 of the widest layer. Differentiable: gradients of the packed tensors flow back to
+    each layer's weight and bias."""
+    P = max(16, 1 << (max(max(w.shape) for w in weights) - 1).bit_length())
+    w = torch.stack([F.pad(w, (0, P - w.shape[1], 0, P - w.shape[0])) for w in weights])
+    b = torch.stack(
+        [
+            w.new_zeros(P) if b is None else F.pad(b, (0, P - b.shape[0]))
+            for w, b in zip(weights, biases, strict=True)
+        ]
+    )
+    return w, b
+
+
+def narrow_widths(weights: list[Tensor], biases: list[Tensor | None]) -> list[int]:
+    """[D_0, ..., D_L] of a chain of [D_l, D_{l-1}] weights; ValueError naming the first mismatch."""
+    if not weights or len(biases) != len(weights):
+        raise ValueError(f"need L >= 1 weights and L biases, got {len(weights)} and {len(biases)}")
+    widths = [weights[0].shape[-1]]
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if w.dim() != 2 or w.shape[1] != widths[-1]:
+            raise ValueError(f"layer {i}: weight has shape {tuple(w.shape)}; expected [*, {widths[-1]}]")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"layer {i}: bias has shape {tuple(b.shape)}; expected ({w.shape[0]},)")
+        widths.append(w.shape[0])
+    return widths
+
+
+def narrow_mlp(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[str | Activation],
+    *,
+    packed: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """h_l = act_l(h_{l-1} @ W_l^T + b_l) for every layer, as one kernel when all widths are <= 256.
+
+    ``packed``: the result of :func:`pack_narrow_mlp` for these weights, to skip re-packing (it then
+    receives the gradients instead of ``weights`` and ``biases``).
+    """
+    acts = [resolve(a) for a in activations]
+    widths = narrow_widths(weights, biases)
+    if len(acts) != len(weights):
+        raise ValueError(f"need one activation per layer: {len(weights)} layers, {len(acts)} activations")
+    if max(widths) > NARROW_MAX_WIDTH:
+        raise ValueError(f"narrow_mlp needs every width <= {NARROW_MAX_WIDTH}, got widths {widths}")
+    check_inputs(
+        x,
+        widths[0],
+        **{f"weights[{i}]": w for i, w in enumerate(weights)},
+        **{f"biases[{i}]": b for i, b in enumerate(biases)},
+    )
+    w, b = packed if packed is not None else pack_narrow_mlp(weights, biases)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    return ops.narrow_mlp(x, w, b, widths, ",".join(a.value for a in acts))

@@ -8,6 +8,7 @@ in the same order, with the same values (``gate_proj.weight``, ``up_proj.weight`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -372,3 +373,121 @@ class FusedLinearAct(nn.Module):
         """Wrap ``block``'s child ``name`` (shared, not copied) and its activation."""
         act = activation if activation is not None else _find_activation(block)
         return cls(block.get_submodule(name), act, name)
+# ---------------------------------------------------------------------------------------------
+# FusedSequentialMLP: an nn.Sequential of narrow Linear layers and activations as one kernel
+# ---------------------------------------------------------------------------------------------
+
+# Exact types only: a subclass may override forward (LoRA, quantised Linears), which we cannot prove.
+_SEQ_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity)
+
+
+def _parse_sequential(seq: nn.Module) -> tuple[list[tuple[str, nn.Linear, Activation]], str | None]:
+    """([(child name, Linear, its activation)], None) or ([], why the stack cannot be fused).
+
+    An activation directly after a Linear belongs to it (nn.Identity anywhere is skipped); a Linear
+    followed by another Linear gets the identity.
+    """
+    if not isinstance(seq, nn.Sequential):
+        return [], f"{type(seq).__name__} is not an nn.Sequential"
+    layers: list[tuple[str, nn.Linear, Activation]] = []
+    for name, child in seq.named_children():
+        where = f"layer {name} ({child})"
+        if type(child) is nn.Linear:
+            if max(child.in_features, child.out_features) > functional.NARROW_MAX_WIDTH:
+                return [], (
+                    f"{where}: width {max(child.in_features, child.out_features)} > "
+                    f"{functional.NARROW_MAX_WIDTH}, the widest a narrow MLP keeps on chip"
+                )
+            if layers and child.in_features != layers[-1][1].out_features:
+                return [], f"{where}: in_features {child.in_features} != previous out_features"
+            first = layers[0][1].weight if layers else child.weight
+            if child.weight.dtype != first.dtype or child.weight.device != first.device:
+                return [], f"{where}: dtype/device differ from layer {layers[0][0]}'s"
+            layers.append((name, child, Activation.IDENTITY))
+        elif type(child) in _SEQ_ACTIVATIONS:
+            act = activation_of(child)
+            assert act is not None
+            if act is Activation.IDENTITY:
+                continue
+            if not layers:
+                return [], f"{where}: an activation before the first nn.Linear"
+            if layers[-1][2] is not Activation.IDENTITY:
+                return [], f"{where}: a second activation after layer {layers[-1][0]}"
+            layers[-1] = (*layers[-1][:2], act)
+        else:
+            known = ", ".join(c.__name__ for c in (nn.Linear, *_SEQ_ACTIVATIONS))
+            return [], f"{where}: unsupported module {type(child).__name__} (supported: {known})"
+    if not layers:
+        return [], "the nn.Sequential holds no nn.Linear"
+    return layers, None
+
+
+def can_fuse_sequential(seq: nn.Module) -> str | None:
+    """None when :meth:`FusedSequentialMLP.from_module` accepts ``seq``, else the reason it does not."""
+    return _parse_sequential(seq)[1]
+
+
+class FusedSequentialMLP(nn.Module):
+    """An nn.Sequential of nn.Linear layers (every width <= 256) and activations, run as ONE kernel.
+
+    The Linear layers are kept as children under their Sequential indices, so ``state_dict`` keys
+    and values are the Sequential's (``0.weight``, ``0.bias``, ``2.weight``, ...). The kernel wants
+    the weights packed into one zero-padded [L, P, P] buffer: in training (gradients wanted) the
+    packing is redone each call as differentiable torch ops, so the gradients land on the
+    per-layer parameters; otherwise the packed buffer is cached and reused until a parameter
+    changes (its ``_version`` or storage). Writes through ``p.data`` bypass the version counter:
+    call :meth:`invalidate_packed` after those.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Linear, Activation]]) -> None:
+        super().__init__()
+        for name, linear, _ in layers:
+            self.add_module(name, linear)
+        self.activations = [act for _, _, act in layers]
+        self._names = [name for name, _, _ in layers]
+        self._packed: tuple[tuple[object, ...], tuple[Tensor, Tensor]] | None = None
+
+    @classmethod
+    def from_module(cls, seq: nn.Sequential) -> FusedSequentialMLP:
+        """A fused copy of ``seq`` (its current weights, device and dtype); ValueError naming the
+        first layer that cannot be fused and why."""
+        layers, why = _parse_sequential(seq)
+        if why is not None:
+            raise ValueError(f"cannot fuse {type(seq).__name__}: {why}")
+        return cls([(name, copy.deepcopy(linear), act) for name, linear, act in layers])
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [self.get_submodule(n) for n in self._names]  # type: ignore[misc]
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linears[-1].out_features
+
+    def extra_repr(self) -> str:
+        return "activations=(" + ", ".join(a.value for a in self.activations) + ")"
+
+    def invalidate_packed(self) -> None:
+        self._packed = None
+
+    def _packed_params(self, weights: list[Tensor], biases: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        params = [p for p in (*weights, *biases) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._packed is None or self._packed[0] != key:
+            with torch.no_grad():
+                self._packed = (key, functional.pack_narrow_mlp(weights, biases))
+        return self._packed[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        linears = self.linears
+        weights = [m.weight for m in linears]
+        biases = [m.bias for m in linears]
+        packed = None
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if not wants_grad and not torch.compiler.is_compiling():
+            packed = self._packed_params(weights, biases)
+        return functional.narrow_mlp(x, weights, biases, self.activations, packed=packed)

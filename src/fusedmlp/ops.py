@@ -22,8 +22,9 @@ try:
     from .kernels import gated_act as _k_act
     from .kernels import gemm_act as _k_gemm
     from .kernels import gemm_act_bwd as _k_gemm_bwd
+    from .kernels import narrow_mlp as _k_narrow
 except ImportError:  # no triton on this platform: everything runs the reference path
-    _k_act = _k_gemm = _k_gemm_bwd = None  # type: ignore[assignment]
+    _k_act = _k_gemm = _k_gemm_bwd = _k_narrow = None  # type: ignore[assignment]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -428,3 +429,80 @@ def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor |
 
 
 mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
+# narrow MLP: the whole stack of narrow Linear layers in one kernel, weights packed [L, P, P]
+# ---------------------------------------------------------------------------------------------
+
+
+def unpack_narrow_mlp(w: Tensor, b: Tensor, widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer views [D_l, D_{l-1}] and [D_l] of packed weights [L, P, P] and biases [L, P]."""
+    L = len(widths) - 1
+    return (
+        [w[i, : widths[i + 1], : widths[i]] for i in range(L)],
+        [b[i, : widths[i + 1]] for i in range(L)],
+    )
+
+
+def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int]) -> bool:
+    if _k_narrow is None or max(widths) > _k_narrow.MAX_WIDTH or not use_triton(x, w, b):
+        return False
+    return _k_narrow.kernel_fits(w.shape[-1], x.dtype)
+
+
+@torch.library.custom_op("fusedmlp::narrow_mlp", mutates_args=())
+def narrow_mlp(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+    """y [..., D_L] of the stack over x [..., D_0]; ``w`` [L, P, P] and ``b`` [L, P] zero-padded,
+    ``widths`` = [D_0, ..., D_L], ``activations`` one name per layer, comma-separated ("identity"
+    for none; a comma-joined str because custom ops take no list of strings)."""
+    acts = [resolve(a) for a in activations.split(",")]
+    if not _narrow_on_triton(x, w, b, widths):
+        weights, biases = unpack_narrow_mlp(w, b, widths)
+        return reference.narrow_mlp(x, weights, list(biases), list(acts))
+    y = _k_narrow.narrow_mlp_forward(x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts)
+    return y.view(*x.shape[:-1], widths[-1])
+
+
+@narrow_mlp.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], widths[-1]))
+
+
+@torch.library.custom_op("fusedmlp::narrow_mlp_backward", mutates_args=())
+def narrow_mlp_backward(
+    grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw [L, P, P], db [L, P]) of :func:`narrow_mlp`; padded entries of dw and db are zero."""
+    acts = [resolve(a) for a in activations.split(",")]
+    if not _narrow_on_triton(x, w, b, widths):
+        weights, biases = unpack_narrow_mlp(w, b, widths)
+        dx, dws, dbs = reference.narrow_mlp_backward(grad, x, weights, list(biases), list(acts))
+        dw, db = torch.zeros_like(w), torch.zeros_like(b)
+        for dst_w, dst_b, src_w, src_b in zip(*unpack_narrow_mlp(dw, db, widths), dws, dbs, strict=True):
+            dst_w.copy_(src_w)
+            dst_b.copy_(src_b)
+        return dx, dw, db
+    dx, dw, db = _k_narrow.narrow_mlp_backward(
+        grad.reshape(-1, widths[-1]), x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts
+    )
+    return dx.view(x.shape), dw, db
+
+
+@narrow_mlp_backward.register_fake
+def _(
+    grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), w.new_empty(w.shape), b.new_empty(b.shape)
+
+
+def _narrow_mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, w, b, widths, activations = inputs
+    ctx.widths, ctx.activations = widths, activations
+    ctx.save_for_backward(x, w, b)
+
+
+def _narrow_mlp_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+    x, w, b = ctx.saved_tensors
+    dx, dw, db = narrow_mlp_backward(grad, x, w, b, ctx.widths, ctx.activations)
+    return dx, dw, db, None, None
+
+
+narrow_mlp.register_autograd(_narrow_mlp_bwd, setup_context=_narrow_mlp_setup)

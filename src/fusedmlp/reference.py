@@ -104,3 +104,48 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(act_forward(self.activation, self.fc1(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# narrow MLP: a stack of Linear layers, each followed by its activation (identity for none)
+# ---------------------------------------------------------------------------------------------
+
+
+def narrow_mlp(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[str | Activation],
+) -> Tensor:
+    """h_l = act_l(h_{l-1} @ W_l^T + b_l) for l = 1..L, from h_0 = x."""
+    for w, b, a in zip(weights, biases, activations, strict=True):
+        x = act_forward(a, F.linear(x, w, b))
+    return x
+
+
+def _act_grad(activation: str | Activation, z: Tensor, grad: Tensor) -> Tensor:
+    if resolve(activation) is Activation.RELU:  # as torch's threshold_backward: NaN z passes grad on
+        return torch.where(z <= 0, 0, grad)
+    return grad * act_derivative(activation, z)
+
+
+def narrow_mlp_backward(
+    grad: Tensor,
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[str | Activation],
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(dx, [dW_l], [db_l]) of :func:`narrow_mlp` (db_l as if every layer had a bias)."""
+    hs, zs = [x], []
+    for w, b, a in zip(weights, biases, activations, strict=True):
+        zs.append(F.linear(hs[-1], w, b))
+        hs.append(act_forward(a, zs[-1]))
+    dws: list[Tensor] = []
+    dbs: list[Tensor] = []
+    for w, z, h, a in reversed(list(zip(weights, zs, hs, activations, strict=False))):
+        dz = _act_grad(a, z, grad)
+        dws.append(dz.reshape(-1, dz.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
+        dbs.append(dz.reshape(-1, dz.shape[-1]).sum(0))
+        grad = dz @ w
+    return grad, dws[::-1], dbs[::-1]
