@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..activations import Activation, act_forward, resolve
-from ..modules import FusedGatedMLP, FusedMLP
+from ..modules import FusedGatedMLP, FusedMLP, FusedSequentialMLP
 from ..reference import MLP, GatedMLP
 
 
@@ -59,16 +59,16 @@ class Preset:
             for n, (i, o) in enumerate(shapes):
                 mods.append(nn.Linear(i, o, bias=self.bias, **kw))
                 if n < len(shapes) - 1:
-                    mods.append(_Act(self.activation))
+                    mods.append(_act_module(self.activation))
             return nn.Sequential(*mods)
         cls = GatedMLP if self.gated else MLP
         return cls(self.hidden, self.intermediate, self.activation, bias=self.bias, **kw)
 
     def fused(self, eager: nn.Module) -> nn.Module:
-        if self.layers != 2:
-            raise ValueError(
-                f"preset {self.name}: fusedmlp has no fused module for a {self.layers}-layer stack yet"
-            )
+        if self.layers == 1:
+            raise ValueError(f"preset {self.name}: a single Linear has nothing to fuse")
+        if self.layers > 2:
+            return FusedSequentialMLP.from_module(eager)  # type: ignore[arg-type]
         return (FusedGatedMLP if self.gated else FusedMLP).from_module(eager)
 
     def input(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -78,8 +78,22 @@ class Preset:
         return dataclasses.replace(self, name=f"{self.name}@M={tokens}", tokens=tokens)
 
 
+def _act_module(activation: Activation) -> nn.Module:
+    """The torch module of an activation where one exists (what users put in nn.Sequential)."""
+    modules = {
+        Activation.RELU: nn.ReLU,
+        Activation.SILU: nn.SiLU,
+        Activation.SIGMOID: nn.Sigmoid,
+        Activation.GELU: nn.GELU,
+        Activation.IDENTITY: nn.Identity,
+    }
+    if activation is Activation.GELU_TANH:
+        return nn.GELU(approximate="tanh")
+    return modules[activation]() if activation in modules else _Act(activation)
+
+
 class _Act(nn.Module):
-    """An activation as a module, for nn.Sequential stacks."""
+    """An activation torch has no module for (relu2), for nn.Sequential stacks."""
 
     def __init__(self, activation: Activation) -> None:
         super().__init__()

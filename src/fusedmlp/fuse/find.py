@@ -21,13 +21,22 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from ..activations import Activation, activation_of
-from ..modules import FusedGatedMLP, FusedLinearAct, FusedMLP, StateLayout, _linear_params
+from ..modules import (
+    FusedGatedMLP,
+    FusedLinearAct,
+    FusedMLP,
+    FusedSequentialMLP,
+    StateLayout,
+    _linear_params,
+    can_fuse_sequential,
+)
 
 
 class BlockKind(str, enum.Enum):
     GATED = "gated"  # down(act(gate(x)) * up(x)), gate|up apart or merged
     PLAIN = "plain"  # fc2(act(fc1(x)))
     LINEAR_ACT = "linear_act"  # act(proj(x)), the second projection lives elsewhere
+    NARROW = "narrow"  # nn.Sequential of 3+ Linears (widths <= 256) and activations: one kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +257,25 @@ def match_linear_act(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
     ]
 
 
-MATCHERS: list[Matcher] = [match_gated, match_plain, match_linear_act]
+def match_narrow_stack(block: nn.Module, parts: BlockParts) -> list[Candidate]:
+    """An nn.Sequential of three or more Linear layers, every width <= 256, with activations
+    between them: the whole stack as one FusedSequentialMLP kernel. Two-Linear stacks are left
+    to match_plain (FusedMLP)."""
+    if not isinstance(block, nn.Sequential) or len(parts.projections) < 3 or can_fuse_sequential(block):
+        return []
+    act = next(iter(parts.explicit), Activation.IDENTITY)
+    return [
+        Candidate(
+            BlockKind.NARROW,
+            act,
+            parts.projections,
+            False,
+            lambda b, d: FusedSequentialMLP.from_module(b),
+        )
+    ]
+
+
+MATCHERS: list[Matcher] = [match_narrow_stack, match_gated, match_plain, match_linear_act]
 
 
 def candidates(block: nn.Module) -> list[Candidate]:

@@ -164,13 +164,13 @@ def gemm_act_backward(
         raise ValueError(f"dy has {K} columns but w_out has {k_w} rows")
     if tuple(pre.shape) != (M, (2 if gated else 1) * N):
         raise ValueError(f"pre has shape {tuple(pre.shape)}; expected ({M}, {(2 if gated else 1) * N})")
-    for name, t in (("dy", dy), ("w_out", w_out), ("pre", pre)):
-        if t.stride(1) != 1:
-            raise ValueError(f"{name} needs unit-stride columns")
     dpre = torch.empty_like(pre) if dpre is None else dpre
     h = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_h else None
     if M == 0 or N == 0:
         return dpre, h
+    for name, t in (("dy", dy), ("w_out", w_out), ("pre", pre), ("dpre", dpre)):
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            raise ValueError(f"{name} needs unit-stride columns")
     use_tma = M > 64 and _tma_ok(dy, w_out)
     a: object = TensorDescriptor.from_tensor(dy, [16, 16]) if use_tma else dy
     b: object = TensorDescriptor.from_tensor(w_out, [16, 16]) if use_tma else w_out

@@ -262,9 +262,17 @@ def _inductor(name: str) -> Decoded | None:
 
 # User Triton kernels whose origin we know, and their kind; other plain identifiers ending in
 # "kernel" are taken as user Triton kernels too (ATen and cuBLAS names never look like that).
-_KNOWN_TRITON_GEMMS = {"_gemm_act_kernel"}
+_KNOWN_TRITON_GEMMS = {
+    "_gemm_act_kernel",
+    "_gemm_act_bwd_kernel",
+    "_narrow_mlp_fwd_kernel",
+    "_narrow_mlp_bwd_kernel",
+}
 _KNOWN_TRITON = {
     "_gemm_act_kernel": ("fusedmlp", "GEMM with (gated) activation epilogue"),
+    "_gemm_act_bwd_kernel": ("fusedmlp", "backward GEMM with activation-derivative epilogue"),
+    "_narrow_mlp_fwd_kernel": ("fusedmlp", "narrow MLP stack forward, one kernel"),
+    "_narrow_mlp_bwd_kernel": ("fusedmlp", "narrow MLP stack backward, one kernel"),
     "_act_fwd_kernel": ("fusedmlp", "(gated) activation forward"),
     "_act_bwd_kernel": ("fusedmlp", "(gated) activation backward"),
     "_geglu_tanh_forward_kernel": ("Liger", "geglu (tanh) forward"),
@@ -393,7 +401,13 @@ def _cpu_op(name: str) -> Decoded | None:
     if ns == "aten":
         kind = GEMM if op in _CPU_GEMM_OPS else ("view" if name in VIEW_OPS else "aten")
         return Decoded(library="ATen (CPU op)", kind=kind, op=op)
-    return Decoded(library=f"custom op ({ns})", kind="custom", op=op)
+    # fusedmlp's own ops that do matrix work (on a CPU trace they stand in for the GPU kernels)
+    kind = (
+        GEMM
+        if ns == "fusedmlp" and op in ("mlp", "mlp_backward", "narrow_mlp", "narrow_mlp_backward")
+        else "custom"
+    )
+    return Decoded(library=f"custom op ({ns})", kind=kind, op=op)
 
 
 def _copy(name: str) -> Decoded | None:

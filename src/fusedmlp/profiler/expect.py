@@ -68,11 +68,22 @@ def expected_kernels(preset: Preset, variant: str, element_size: int) -> list[Ro
         return None
     if preset.layers == 1:  # one Linear: one GEMM, bias in its epilogue, whatever the variant
         return [_gemm("linear GEMM" + (" (+bias)" if b else ""), m, d, h, e, b, False, False)]
-    if preset.layers > 2:  # a narrow stack: GEMM and act per layer; fusedmlp has no module yet
-        if variant == "fusedmlp":
-            return None
-        roles: list[Role] = []
+    if preset.layers > 2:  # a narrow stack: GEMM and act per layer; fusedmlp: ONE kernel
         shapes = preset.linear_shapes()
+        if variant == "fusedmlp":
+            flops = sum(2 * m * k * n for k, n in shapes)
+            weights = sum(k * n * e + (n * e if b else 0) for k, n in shapes)
+            io = m * (shapes[0][0] + shapes[-1][1]) * e
+            return [
+                Role(
+                    "whole stack, one kernel",
+                    gemm=True,
+                    flops=flops,
+                    bytes=io + weights,
+                    intermediate_bytes=0,
+                )
+            ]
+        roles: list[Role] = []
         for i, (k, n) in enumerate(shapes):
             last = i == len(shapes) - 1
             roles.append(_gemm(f"layer {i} GEMM", m, k, n, e, b, i > 0, not last))
