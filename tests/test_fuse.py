@@ -446,3 +446,20 @@ def test_fused_linear_act_module_and_meta_weights():
         model = nn.Sequential(UserGated(8, 16))
     report = fusedmlp.fuse(model)
     assert not report.fused and "meta device" in report.skipped[0].reason
+
+
+def test_fuse_narrow_sequential_stack_as_one_kernel():
+    """An nn.Sequential of 3+ narrow Linears becomes one FusedSequentialMLP, proven, reversible."""
+    from fusedmlp import FusedSequentialMLP
+
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(7, 33), nn.ReLU(), nn.Linear(33, 50), nn.GELU(), nn.Linear(50, 5))
+    model = nn.Sequential(nn.Linear(4, 7), stack)
+    x = torch.randn(9, 4)
+    before, sd = model(x), model.state_dict()
+    report = fusedmlp.fuse(model)
+    assert [b.kind for b in report.fused] == ["narrow"] and isinstance(model[1], FusedSequentialMLP)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    assert state_dict_equal(model.state_dict(), sd)
+    fusedmlp.unfuse(model)
+    assert type(model[1]) is nn.Sequential and state_dict_equal(model.state_dict(), sd)

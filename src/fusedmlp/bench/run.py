@@ -105,7 +105,9 @@ def build_variants(preset: Preset, eager: nn.Module, x: Tensor, names: tuple[str
     """name -> forward callable (or the reason it is not available)."""
     out: dict[str, Any] = {}
     for name in names:
-        if name == "floor":
+        if preset.layers != 2 and name in ("floor", "eager-merged", "liger"):
+            out[name] = "not an MLP of two projections"
+        elif name == "floor":
             out[name] = _floor_fn(preset, eager, x)
         elif name == "eager":
             out[name] = eager
