@@ -41,18 +41,18 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     names = args.preset or ["geglu-article", "llama3-8b", "llama3-8b-decode", "gpt2"]
     peaks = run.measure_peaks()
     console.print(f"peaks: matmul {peaks.matmul_tflops:.0f} TFLOP/s, copy {peaks.copy_gbps:.0f} GB/s")
-    cases = []
+    record: dict = {"env": run.environment(), "peaks": vars(peaks), "cases": []}
     for name in names:
         preset = get_preset(name)
         for m in [args.tokens] if args.tokens else PRESET_TOKENS.get(name, (preset.tokens,)):
             p = preset if m == preset.tokens else preset.with_tokens(m)
             console.print(f"[bold]{p.name}[/bold] M={p.tokens}")
-            cases.append(run.run_case(p, dtype, variants, peaks, train=args.train))
-            console.print(report.case_table(cases[-1]))
-    record = {"env": run.environment(), "peaks": vars(peaks), "cases": cases, "tuned": run.tuned_configs()}
-    for key, cfg in record["tuned"].items():
+            record["cases"].append(run.run_case(p, dtype, variants, peaks, train=args.train))
+            console.print(report.case_table(record["cases"][-1]))
+            record["tuned"] = run.tuned_configs()
+            path = run.save(record, Path(args.out))  # after every case: a timeout keeps what finished
+    for key, cfg in record.get("tuned", {}).items():
         console.print(f"autotuned {key}: {cfg}")
-    path = run.save(record, Path(args.out))
     report.write_markdown(record, path.with_suffix(".md"))
     report.plot(record, path.with_suffix(".png"))
     console.print(f"wrote {path} (+ .md, .png)")

@@ -225,6 +225,13 @@ def _mlp_reference(
     return h, pre
 
 
+def _fused_gemm_ok(x: Tensor) -> bool:
+    """Whether the Triton GEMMs serve this dtype. fp32 with TF32 off does not: Triton's IEEE fp32
+    dot measured ~6x cuBLAS SGEMM's max error at K=64 on H100 (outside the numerics contract), so
+    there cuBLAS computes the projections and the Triton pointwise kernels the activation."""
+    return x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+
+
 def mlp_forward(
     x: Tensor,
     w_in: Tensor,
@@ -239,7 +246,7 @@ def mlp_forward(
     returned where ``mode`` (a :class:`Recompute` value or ``"inference"``) saves them."""
     act = resolve(activation)
     store_pre = mode in (Recompute.NONE, Recompute.ACTIVATION)
-    if use_triton(x, w_in, b_in, w_out, b_out):
+    if use_triton(x, w_in, b_in, w_out, b_out) and _fused_gemm_ok(x):
         h, pre = _k_gemm.gemm_act(
             x,
             w_in,
@@ -249,6 +256,10 @@ def mlp_forward(
             store_preact=store_pre,
             allow_tf32=torch.backends.cuda.matmul.allow_tf32,
         )
+    elif use_triton(x, w_in, b_in, w_out, b_out):  # fp32, TF32 off: cuBLAS, then the pointwise kernel
+        pre = torch.nn.functional.linear(x, w_in, b_in)
+        H = pre.shape[1] // 2 if gated else pre.shape[1]
+        h = _k_act.act_forward(pre[:, :H], pre[:, H:] if gated else None, act)
     else:
         h, pre = _mlp_reference(x, w_in, b_in, act, gated)
     y = torch.nn.functional.linear(h, w_out, b_out)
@@ -279,7 +290,15 @@ def mlp_backward_impl(
     if pre is None:
         pre, in_place = torch.nn.functional.linear(x, w_in, b_in), True  # a buffer of our own
     need_h = h is None
-    if use_triton(dy, pre):
+    if use_triton(dy, pre) and not _fused_gemm_ok(dy):  # fp32, TF32 off: cuBLAS, then pointwise
+        dh = dy @ w_out
+        dpre = pre if in_place else torch.empty_like(pre)
+        if need_h:
+            h = dh if in_place else torch.empty_like(dh)
+        H = dh.shape[1]
+        up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
+        _k_act.act_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None)
+    elif use_triton(dy, pre):
         # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
         dpre, h_new = _k_gemm_bwd.gemm_act_backward(
             dy,

@@ -260,7 +260,9 @@ def narrow_mlp_forward(
     acts: Sequence[Activation],
     block_m: int | None = None,
     num_warps: int | None = None,
-    programs_per_sm: int = 2,
+    # One program per row block: 192.6 us vs 224.7 us persistent at 2 per SM (H100, bf16, 2^20
+    # rows, 32 -> 64 x8 -> 16; benchmarks/results/narrow-mlp-v1-20261125.json).
+    programs_per_sm: int = 0,
 ) -> Tensor:
     """y [M, D_L] of the stack over a 2-D x [M, D0]; ``block_m``/``num_warps`` override the config;
     ``programs_per_sm`` 0 launches one program per row block instead of a persistent grid."""
