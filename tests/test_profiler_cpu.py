@@ -41,7 +41,8 @@ def test_profile_counts_the_articles_kernels(profiled):
     compiled = {k["name"]: k["decoded"] for k in variants["compile"]["kernels"]}
     assert any(d.get("ops") == ["gelu", "mul"] for d in compiled.values()), compiled
     assert "aten::t" in {o["name"] for o in variants["eager"]["cpu_ops_without_kernels"]}
-    assert summary["preset"]["tokens"] == 32 and summary["peaks"] is None  # peaks are GPU-only
+    assert summary["preset"]["tokens"] == 32
+    assert (summary["peaks"] is None) != torch.cuda.is_available()  # peaks are measured on GPUs only
 
 
 def test_profile_writes_traces_and_report(profiled):

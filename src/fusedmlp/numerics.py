@@ -1,8 +1,10 @@
 """The numerics contract (DESIGN.md), as code that tests, benchmarks and ``fuse`` all apply.
 
 A fused result passes when its max and mean absolute error against a float64 reference are at
-most twice those of the same-dtype eager computation, plus a small atol (one epsilon of the
-dtype times the reference's magnitude). NaN and Inf must sit where eager puts them.
+most twice those of the same-dtype eager computation, plus a small atol (two roundings of the
+reference's largest value for the max error, of its mean magnitude for the mean error: at fp32,
+where both errors are a few ulps, the max over a matrix otherwise decides on noise, e.g. which
+cuBLAS kernel a merged weight-gradient GEMM gets). NaN and Inf must sit where eager puts them.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def check_contract(
 ) -> ContractCheck:
     """Compare ``fused`` and ``eager`` (same dtype) against a float64 ``reference``.
 
-    atol is one epsilon of the dtype times the reference's largest magnitude for the max error
-    (one rounding of the largest value) and times its mean magnitude for the mean error.
+    atol is two epsilons of the dtype times the reference's largest magnitude for the max error
+    (two roundings of the largest value) and times its mean magnitude for the mean error.
     NaN/Inf must sit where eager or the float64 reference puts them (torch's own CPU and CUDA
     kernels disagree at some infinities, e.g. fp32 gelu(inf)).
     """
@@ -81,7 +83,7 @@ def check_contract(
         )
     finite = torch.isfinite(reference)
     mags = reference.double()[finite].abs()
-    eps = torch.finfo(eager.dtype).eps * atol_scale
+    eps = 2 * torch.finfo(eager.dtype).eps * atol_scale
     atol_max = eps * mags.max().item() if mags.numel() else 0.0
     atol_mean = eps * mags.mean().item() if mags.numel() else 0.0
     pattern = _nonfinite_pattern(fused)

@@ -226,10 +226,11 @@ def _mlp_reference(
 
 
 def _fused_gemm_ok(x: Tensor) -> bool:
-    """Whether the Triton GEMMs serve this dtype. fp32 with TF32 off does not: Triton's IEEE fp32
-    dot measured ~6x cuBLAS SGEMM's max error at K=64 on H100 (outside the numerics contract), so
-    there cuBLAS computes the projections and the Triton pointwise kernels the activation."""
-    return x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    """Whether the Triton GEMMs serve this dtype: bf16 and fp16. In fp32 Triton's dots missed the
+    numerics contract on H100: IEEE fp32 with ~6x cuBLAS SGEMM's max error at K=64, TF32 with
+    ~3x cuBLAS's TF32 error (Triton truncates the inputs to TF32, cuBLAS rounds them). fp32 takes
+    cuBLAS for the projections and the Triton pointwise kernels for the activation instead."""
+    return x.dtype in (torch.float16, torch.bfloat16)
 
 
 def mlp_forward(
