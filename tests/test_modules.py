@@ -289,3 +289,14 @@ def test_every_recompute_mode_meets_the_contract(cls, eager_cls, recompute, dtyp
 def test_unknown_recompute_mode():
     with pytest.raises(ValueError, match="unknown recompute mode 'all'"):
         FusedGatedMLP(8, 16, recompute="all")
+
+
+@pytest.mark.parametrize("recompute", ["none", "activation", "gemm"])
+def test_fused_backward_gemm_path_meets_the_contract(recompute, monkeypatch):
+    """The backward GEMM with the activation derivative in its epilogue (off by default)."""
+    from fusedmlp import ops
+
+    monkeypatch.setattr(ops, "FUSED_BACKWARD_GEMM", True)
+    eager = GatedMLP(43, 97, "silu", bias=True, device=DEVICE, dtype=torch.bfloat16)
+    fused = FusedGatedMLP.from_module(eager, recompute=recompute)
+    check_module_contract(eager, fused, torch.randn(2, 5, 43, device=DEVICE).to(torch.bfloat16))

@@ -183,10 +183,11 @@ act.register_autograd(_act_bwd, setup_context=_act_setup)
 #
 # Forward: one Triton GEMM with the activation in its epilogue writes h (and, when training saves
 # it, the pre-activation gate|up), then cuBLAS for the output projection.
-# Backward: one Triton GEMM computes dh = dy @ W_out and, in its epilogue, turns dh and the saved
-# gate|up into d(gate|up), written in the merged layout (dh never reaches memory), and recomputes
-# h for W_out's gradient unless it was saved; then dx = d(gate|up) @ W_in and
-# dW_in = d(gate|up)^T @ x are one cuBLAS GEMM each over the merged layout.
+# Backward: dh = dy @ W_out (cuBLAS); one pointwise kernel turns dh and the saved gate|up into
+# d(gate|up), written in the merged layout (over gate|up, in place, in eager), and recomputes h
+# for W_out's gradient unless it was saved; then dx = d(gate|up) @ W_in and
+# dW_in = d(gate|up)^T @ x are one cuBLAS GEMM each over the merged layout. With
+# FUSED_BACKWARD_GEMM, one Triton GEMM does the first two steps and dh never reaches memory.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -223,6 +224,14 @@ def _mlp_reference(
     pre = torch.nn.functional.linear(x, w_in, b_in)
     h = reference.gated_act(*reference.split_gate_up(pre), act) if gated else act(pre)
     return h, pre
+
+
+# The backward GEMM with the activation derivative in its epilogue (kernels/gemm_act_bwd.py) keeps
+# dh out of memory, but with its present configs it measured ~2x slower than cuBLAS for dh plus
+# the pointwise kernel (H100 bf16: geglu-article 318 vs 168 us, llama3-8b 1576 vs 863 us;
+# benchmarks/backward_parts.py, docs/perf-notes.md), so the backward uses the latter until the
+# fused kernel is tuned. Tests run both.
+FUSED_BACKWARD_GEMM = False
 
 
 def _fused_gemm_ok(x: Tensor) -> bool:
@@ -291,7 +300,7 @@ def mlp_backward_impl(
     if pre is None:
         pre, in_place = torch.nn.functional.linear(x, w_in, b_in), True  # a buffer of our own
     need_h = h is None
-    if use_triton(dy, pre) and not _fused_gemm_ok(dy):  # fp32, TF32 off: cuBLAS, then pointwise
+    if use_triton(dy, pre) and not (FUSED_BACKWARD_GEMM and _fused_gemm_ok(dy)):  # cuBLAS dh, then pointwise
         dh = dy @ w_out
         dpre = pre if in_place else torch.empty_like(pre)
         if need_h:
