@@ -21,6 +21,7 @@ _COLUMNS = (
     ("pct_copy_bw_weights", "% copy bw (weights)", ".0f"),
     ("rel_err", "rel err", ".1e"),
     ("train_us", "fwd+bwd us", ".1f"),
+    ("train_graph_us", "fwd+bwd CUDA-graph us", ".1f"),
     ("train_extra_peak_mib", "extra peak MiB", ".1f"),
 )
 

@@ -205,6 +205,7 @@ def run_case(
             dy = torch.randn_like(ref, dtype=dtype)
             step = _train_step(fn, x, dy)
             r["train_us"] = median_us(step, device)
+            r["train_graph_us"] = _graph_us(step)
             for p in fn.parameters():
                 p.grad = None
             r["train_extra_peak_mib"] = _extra_peak_mib(step, torch.device(device))
