@@ -127,12 +127,12 @@ def build_variants(preset: Preset, eager: nn.Module, x: Tensor, names: tuple[str
     return out
 
 
-def _graph_us(fn: Callable[[], object]) -> float | None:
+def _graph_us(fn: Callable[[], object], grad: bool = False) -> float | None:
     """Median time of ``fn`` replayed from a CUDA graph, or None where it does not capture."""
     import triton.testing
 
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
     except Exception:  # a variant that cannot be captured reports no graph time
         return None
@@ -205,7 +205,7 @@ def run_case(
             dy = torch.randn_like(ref, dtype=dtype)
             step = _train_step(fn, x, dy)
             r["train_us"] = median_us(step, device)
-            r["train_graph_us"] = _graph_us(step)
+            r["train_graph_us"] = _graph_us(step, grad=True)
             for p in fn.parameters():
                 p.grad = None
             r["train_extra_peak_mib"] = _extra_peak_mib(step, torch.device(device))
