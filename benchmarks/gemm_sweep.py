@@ -59,9 +59,9 @@ def candidates(M: int, gated: bool) -> list[tuple[triton.Config, bool]]:
 
 
 def _time(x, w, b, act, gated, cfg, tma, ref) -> tuple[float, float | None, str]:
-    orig = g._tma_ok
+    orig = g.tma_ok
     if not tma:
-        g._tma_ok = lambda *_: False
+        g.tma_ok = lambda *_: False
     try:
         fn = lambda: g.gemm_act(x, w, b, act, gated, config=cfg)
         h, _ = fn()
@@ -70,7 +70,7 @@ def _time(x, w, b, act, gated, cfg, tma, ref) -> tuple[float, float | None, str]
     except Exception as e:  # a sweep reports what does not compile
         return float("inf"), None, f" FAILED {type(e).__name__}: {str(e)[:80]}"
     finally:
-        g._tma_ok = orig
+        g.tma_ok = orig
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from fusedmlp import ops, reference
 from fusedmlp.activations import Activation
 
 gemm = pytest.importorskip("fusedmlp.kernels.gemm_act")
+common = pytest.importorskip("fusedmlp.kernels.common")
 
 
 # The fused GEMMs serve bf16 and fp16; fp32 goes through cuBLAS (ops._fused_gemm_ok says why).
@@ -33,16 +34,16 @@ def test_gemm_act_contract(M, K, N, bias, gated, dtype):
     h, pre = gemm.gemm_act(x, w, b, act, gated, store_preact=True)
     e_h, e_pre = _eager(x, w, b, act, gated)
     r_h, r_pre = _eager(x.double(), w.double(), b.double() if bias else None, act, gated)
-    print("TMA path" if gemm._tma_ok(x, w) else "pointer path")
+    print("TMA path" if common.tma_ok(x, w) else "pointer path")
     assert_contract("h", h, e_h, r_h)
     assert_contract("pre", pre, e_pre, r_pre)
 
 
 def test_both_load_paths_are_exercised():
     x16 = torch.randn(4, 64, device=DEVICE, dtype=torch.float16)
-    assert gemm._tma_ok(x16, torch.randn(8, 64, device=DEVICE, dtype=torch.float16))
+    assert common.tma_ok(x16, torch.randn(8, 64, device=DEVICE, dtype=torch.float16))
     x_odd = torch.randn(4, 43, device=DEVICE, dtype=torch.float16)
-    assert not gemm._tma_ok(x_odd, torch.randn(8, 43, device=DEVICE, dtype=torch.float16))
+    assert not common.tma_ok(x_odd, torch.randn(8, 43, device=DEVICE, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -104,7 +105,7 @@ def test_gemm_act_backward_contract(M, D, N, gated, dtype):
     pre = torch.randn(M, (2 if gated else 1) * N, device=DEVICE).to(dtype)
     dpre, h = bwd.gemm_act_backward(dy, w_out, pre, act, gated)
     e_dpre, e_h = _eager_bwd(dy, w_out, pre, act, gated)
-    print("TMA path" if M > 64 and bwd._tma_ok(dy, w_out) else "pointer path")
+    print("TMA path" if M > 64 and common.tma_ok(dy, w_out) else "pointer path")
     r_dpre, r_h = _eager_bwd(dy.double(), w_out.double(), pre.double(), act, gated)
     assert_contract("d pre", dpre, e_dpre, r_dpre)
     assert_contract("h", h, e_h, r_h)

@@ -17,9 +17,6 @@ Autotuned per (M bucket, N, K): a new M inside a bucket never re-tunes.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import triton
 import triton.language as tl
@@ -27,12 +24,7 @@ from torch import Tensor
 
 from ..activations import Activation
 from .activation import apply_act
-from .common import mma, to_storage
-
-try:  # Triton >= 3.3
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: pointer path only
-    TensorDescriptor = None
+from .common import Launcher, descriptor, mma, num_sms, tma_ok, to_storage
 
 
 @triton.jit
@@ -171,11 +163,6 @@ _DECODE = [
 _FALLBACK = _cfg(64, 64, 32, 4, 2, False)  # fits any dtype (fp32 included)
 
 
-def chosen_configs() -> dict[str, str]:
-    """The autotuner's pick per key, for benchmark records."""
-    return {str(k): str(v) for k, v in _TUNED.items()}
-
-
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     mb = named_args["M_BUCKET"]
     gated = bool(kwargs.get("GATED", named_args.get("GATED")))
@@ -198,51 +185,18 @@ def _set_descriptor_blocks(nargs: dict) -> None:
         nargs["w"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _with_hook(cfgs: list[triton.Config]) -> list[triton.Config]:
-    for c in cfgs:
-        c.pre_hook = _set_descriptor_blocks
-    return cfgs
-
-
-# Tuning results persist on disk across processes where this Triton can (cache_results, 3.3+).
-_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
-_CACHE_KW = {"cache_results": True} if _CAN_CACHE else {}
-_autotuned = triton.autotune(
-    configs=_with_hook(_PREFILL + _DECODE),
+_launch = Launcher(
+    _gemm_act_kernel,
+    _PREFILL + _DECODE,
     key=["M_BUCKET", "N", "K", "GATED", "HAS_BIAS", "STORE_PRE", "USE_TMA"],
-    prune_configs_by={"early_config_prune": _prune},
-    **_CACHE_KW,
-)(_gemm_act_kernel)
-
-# Under the interpreter: one small fixed config (autotuning there would time numpy).
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
-                       "WARP_SPEC": False}
-
-# Tests set this False to skip tuning every odd shape they try; the first config of the bucket's
-# regime runs instead.
-AUTOTUNE = True
-# The autotuner's pick per shape bucket. After the first call of a bucket the kernel is launched
-# directly with it: the autotuner's own per-call bookkeeping costs ~25 us of CPU (H100 host),
-# a sixth of a decode-sized forward.
-_TUNED: dict[tuple, triton.Config] = {}
+    prune=_prune,
+    set_blocks=_set_descriptor_blocks,
+)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _tma_ok(x: Tensor, w: Tensor) -> bool:
-    """TMA needs Hopper (or the interpreter, except for bf16), 16-byte aligned bases and row strides."""
-    if TensorDescriptor is None:
-        return False
-    if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif x.dtype == torch.bfloat16:
-        return False
-    es = x.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x, w))
+def chosen_configs() -> dict[str, str]:
+    """The autotuner's pick per key, for benchmark records."""
+    return {str(k): str(v) for k, v in _launch.tuned.items()}
 
 
 def gemm_act(
@@ -278,16 +232,13 @@ def gemm_act(
         raise ValueError("K = 0: nothing to multiply")
     # Decode sizes take the pointer path: as fast on the GPU (gemm_sweep: 93.0 vs 93.2 us at M=1)
     # and no tensor-map encoding on the host, which dominates a launch this short.
-    use_tma = M > 64 and _tma_ok(x, w)
-    xa: object = x
-    wa: object = w
-    if use_tma:  # block shapes are set per config by _set_descriptor_blocks
-        xa = TensorDescriptor.from_tensor(x, [16, 16])
-        wa = TensorDescriptor.from_tensor(w, [16, 16])
+    use_tma = M > 64 and tma_ok(x, w)
+    pre_or_h = pre if pre is not None else h
     args = (
-        xa, wa, bias if bias is not None else w, h, pre if pre is not None else h,
+        descriptor(x) if use_tma else x, descriptor(w) if use_tma else w,
+        bias if bias is not None else w, h, pre_or_h,
         M, N, K, m_bucket(M),
-        x.stride(0), w.stride(0), h.stride(0), (pre if pre is not None else h).stride(0),
+        x.stride(0), w.stride(0), h.stride(0), pre_or_h.stride(0),
     )
     ieee = x.dtype == torch.float32 and not allow_tf32
     meta = {
@@ -295,25 +246,13 @@ def gemm_act(
         "USE_TMA": use_tma, "DOT_PRECISION": "ieee" if ieee else "tf32",
     }
     if not x.is_cuda:
-        cfg = _INTERPRETER_CONFIG
-        _set_descriptor_blocks({"x": xa, "w": wa, **meta, **cfg})
-        _gemm_act_kernel[(min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4),)](*args, **meta, **cfg)
+        _launch.interpret(args, meta, programs=min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4))
         return h, pre
 
     def grid(cfg: dict) -> tuple[int]:
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, _num_sms(x.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
+        return (min(tiles, num_sms(x.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
 
     key = (args[8], N, K, x.dtype, gated, bias is not None, store_preact, use_tma, ieee)
-    chosen = config or _TUNED.get(key)
-    if chosen is None and AUTOTUNE:
-        _autotuned[grid](*args, **meta)
-        _TUNED[key] = _autotuned.best_config
-        return h, pre
-    if chosen is None:
-        chosen = _prune(_PREFILL + _DECODE, {"M_BUCKET": args[8], "h_ptr": h}, GATED=gated)[0]
-    _set_descriptor_blocks({"x": xa, "w": wa, **meta, **chosen.kwargs})
-    _gemm_act_kernel[grid(chosen.kwargs)](
-        *args, **meta, **chosen.kwargs, num_warps=chosen.num_warps, num_stages=chosen.num_stages
-    )
+    _launch(key, grid, args, meta, config)
     return h, pre

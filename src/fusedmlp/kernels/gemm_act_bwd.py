@@ -19,13 +19,8 @@ from torch import Tensor
 
 from ..activations import Activation
 from .activation import apply_act_bwd
-from .common import mma, to_storage
-from .gemm_act import _cfg, _num_sms, _tile_coords, m_bucket, smem_bytes
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
+from .common import Launcher, descriptor, mma, num_sms, tma_ok, to_storage
+from .gemm_act import _cfg, _tile_coords, m_bucket, smem_bytes
 
 
 @triton.jit
@@ -118,31 +113,13 @@ def _set_blocks(nargs: dict) -> None:
         nargs["w"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
-for _c in (*_CONFIGS, _SMALL):
-    _c.pre_hook = _set_blocks
-
-_autotuned = triton.autotune(
-    configs=[*_CONFIGS, _SMALL],
+_launch = Launcher(
+    _gemm_act_bwd_kernel,
+    [*_CONFIGS, _SMALL],
     key=["M_BUCKET", "N", "K", "GATED", "STORE_H", "USE_TMA"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_gemm_act_bwd_kernel)
-
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
-                       "WARP_SPEC": False}
-AUTOTUNE = True
-_TUNED: dict[tuple, triton.Config] = {}
-
-
-def _tma_ok(dy: Tensor, w: Tensor) -> bool:
-    if TensorDescriptor is None:
-        return False
-    if dy.is_cuda:
-        if torch.cuda.get_device_capability(dy.device)[0] < 9:
-            return False
-    elif dy.dtype == torch.bfloat16:  # the interpreter's descriptors garble bf16 (see gemm_act)
-        return False
-    es = dy.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (dy, w))
+    prune=_prune,
+    set_blocks=_set_blocks,
+)
 
 
 def gemm_act_backward(
@@ -171,35 +148,23 @@ def gemm_act_backward(
     for name, t in (("dy", dy), ("w_out", w_out), ("pre", pre), ("dpre", dpre)):
         if t.stride(1) != 1 and t.shape[1] > 1:
             raise ValueError(f"{name} needs unit-stride columns")
-    use_tma = M > 64 and _tma_ok(dy, w_out)
-    a: object = TensorDescriptor.from_tensor(dy, [16, 16]) if use_tma else dy
-    b: object = TensorDescriptor.from_tensor(w_out, [16, 16]) if use_tma else w_out
+    use_tma = M > 64 and tma_ok(dy, w_out)
     hh = h if h is not None else dpre
-    args = (a, b, pre, dpre, hh, M, N, K, m_bucket(M),
-            dy.stride(0), w_out.stride(0), pre.stride(0), dpre.stride(0), hh.stride(0))
+    args = (
+        descriptor(dy) if use_tma else dy, descriptor(w_out) if use_tma else w_out, pre, dpre, hh,
+        M, N, K, m_bucket(M),
+        dy.stride(0), w_out.stride(0), pre.stride(0), dpre.stride(0), hh.stride(0),
+    )
     ieee = dy.dtype == torch.float32 and not allow_tf32
     meta = {"ACT": activation.code, "GATED": gated, "STORE_H": store_h, "USE_TMA": use_tma,
             "DOT_PRECISION": "ieee" if ieee else "tf32"}
     if not dy.is_cuda:
-        cfg = _INTERPRETER_CONFIG
-        _set_blocks({"dy": a, "w": b, **meta, **cfg})
-        _gemm_act_bwd_kernel[(min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4),)](*args, **meta, **cfg)
+        _launch.interpret(args, meta, programs=min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4))
         return dpre, h
 
     def grid(cfg: dict) -> tuple[int]:
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, _num_sms(dy.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
+        return (min(tiles, num_sms(dy.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
 
-    key = (args[8], N, K, dy.dtype, gated, store_h, use_tma, ieee)
-    chosen = _TUNED.get(key)
-    if chosen is None and AUTOTUNE:
-        _autotuned[grid](*args, **meta)
-        _TUNED[key] = _autotuned.best_config
-        return dpre, h
-    if chosen is None:
-        chosen = _prune([*_CONFIGS, _SMALL], {"M_BUCKET": args[8], "h_ptr": hh})[0]
-    _set_blocks({"dy": a, "w": b, **meta, **chosen.kwargs})
-    _gemm_act_bwd_kernel[grid(chosen.kwargs)](
-        *args, **meta, **chosen.kwargs, num_warps=chosen.num_warps, num_stages=chosen.num_stages
-    )
+    _launch((args[8], N, K, dy.dtype, gated, store_h, use_tma, ieee), grid, args, meta)
     return dpre, h
