@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from ..ops import triton_interpreting
 from . import analyze, html, show
 from .analyze import VariantSummary
 from .expect import VARIANTS
@@ -125,6 +126,12 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
             metas.append(trace.metadata)
             summaries.append(analyze.analyze(trace))
     write_outputs(summaries, metas, out, console, skipped)
+    if device.type == "cpu" and "fusedmlp" in names and not triton_interpreting():
+        console.print(
+            "note: on a CPU, fusedmlp runs its eager reference path (the Triton kernels need a CUDA "
+            "GPU, or TRITON_INTERPRET=1 to run them slowly on the CPU), so its kernels differ from "
+            "the guess, which describes the GPU."
+        )
     if preset is None or eager is None:
         return 0
     checks = check_numerics(preset, eager, variants, inputs)
