@@ -88,6 +88,17 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def tile_grid(M: int, N: int, device: torch.device) -> Callable[[dict], tuple[int]]:
+    """The launch grid for a config: one program per [BLOCK_M, BLOCK_N] output tile, or one per SM
+    walking the tiles when the config is PERSISTENT."""
+
+    def grid(cfg: dict) -> tuple[int]:
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, num_sms(device.index or 0)) if cfg["PERSISTENT"] else tiles,)
+
+    return grid
+
+
 class Launcher:
     """Autotunes a kernel once per key, then launches the JIT kernel directly with the pick: the
     autotuner's own per-call bookkeeping costs ~25 us of host time (H100 host), a sixth of a
@@ -136,10 +147,10 @@ class Launcher:
             *args, **meta, **chosen.kwargs, num_warps=chosen.num_warps, num_stages=chosen.num_stages
         )
 
-    def interpret(self, args: tuple, meta: dict, programs: int) -> None:
-        """Under Triton's CPU interpreter: the fixed small config, ``programs`` programs (fewer than
+    def interpret(self, args: tuple, meta: dict, M: int, N: int) -> None:
+        """Under Triton's CPU interpreter: the fixed small config, on at most 4 programs (fewer than
         the tiles, so the persistent tile loop runs too)."""
-        self.set_blocks(
-            {**dict(zip(self.kernel.arg_names, args, strict=False)), **meta, **INTERPRETER_CONFIG}
-        )
-        self.kernel[(programs,)](*args, **meta, **INTERPRETER_CONFIG)
+        cfg = INTERPRETER_CONFIG
+        programs = min(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 4)
+        self.set_blocks({**dict(zip(self.kernel.arg_names, args, strict=False)), **meta, **cfg})
+        self.kernel[(programs,)](*args, **meta, **cfg)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..activations import Activation
 from .activation import apply_act
-from .common import Launcher, descriptor, mma, num_sms, tma_ok, to_storage
+from .common import Launcher, descriptor, mma, tile_grid, tma_ok, to_storage
 
 
 @triton.jit
@@ -246,13 +246,9 @@ def gemm_act(
         "USE_TMA": use_tma, "DOT_PRECISION": "ieee" if ieee else "tf32",
     }
     if not x.is_cuda:
-        _launch.interpret(args, meta, programs=min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4))
+        _launch.interpret(args, meta, M, N)
         return h, pre
 
-    def grid(cfg: dict) -> tuple[int]:
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, num_sms(x.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
-
     key = (args[8], N, K, x.dtype, gated, bias is not None, store_preact, use_tma, ieee)
-    _launch(key, grid, args, meta, config)
+    _launch(key, tile_grid(M, N, x.device), args, meta, config)
     return h, pre

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..activations import Activation
 from .activation import apply_act_bwd
-from .common import Launcher, descriptor, mma, num_sms, tma_ok, to_storage
-from .gemm_act import _cfg, _tile_coords, m_bucket, smem_bytes
+from .common import Launcher, descriptor, mma, tile_grid, tma_ok, to_storage
+from .gemm_act import _SMEM_BYTES, _cfg, _tile_coords, m_bucket, smem_bytes
 
 
 @triton.jit
@@ -103,7 +103,7 @@ _SMALL = _cfg(32, 64, 64, 4, 3, False, group=1)  # M <= 64
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     elem = named_args["h_ptr"].element_size()
-    keep = [c for c in configs if smem_bytes(c, elem, gated=False) <= 220 * 1024]
+    keep = [c for c in configs if smem_bytes(c, elem, gated=False) <= _SMEM_BYTES]
     return (keep if named_args["M_BUCKET"] > 64 else [_SMALL]) or [_SMALL]
 
 
@@ -159,12 +159,8 @@ def gemm_act_backward(
     meta = {"ACT": activation.code, "GATED": gated, "STORE_H": store_h, "USE_TMA": use_tma,
             "DOT_PRECISION": "ieee" if ieee else "tf32"}
     if not dy.is_cuda:
-        _launch.interpret(args, meta, programs=min(triton.cdiv(M, 16) * triton.cdiv(N, 32), 4))
+        _launch.interpret(args, meta, M, N)
         return dpre, h
 
-    def grid(cfg: dict) -> tuple[int]:
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, num_sms(dy.device.index or 0)) if cfg["PERSISTENT"] else tiles,)
-
-    _launch((args[8], N, K, dy.dtype, gated, store_h, use_tma, ieee), grid, args, meta)
+    _launch((args[8], N, K, dy.dtype, gated, store_h, use_tma, ieee), tile_grid(M, N, dy.device), args, meta)
     return dpre, h
