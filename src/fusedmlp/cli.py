@@ -10,7 +10,10 @@ from rich.console import Console
 
 from .bench.presets import PRESETS
 
-_BENCH_VARIANTS = ("floor", "eager", "eager-merged", "compile", "compile-max-autotune", "liger", "fusedmlp")
+_BENCH_VARIANTS = (
+    "floor", "eager", "eager-merged", "compile", "compile-max-autotune", "liger", "fusedmlp",
+    "fusedmlp-none", "fusedmlp-gemm",
+)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -26,11 +26,14 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..activations import Activation
+from ..modules import FusedGatedMLP, FusedMLP
 from .presets import Preset
 from .timing import median_us
 
 DEFAULT_VARIANTS = ("floor", "eager", "eager-merged", "compile", "liger", "fusedmlp")
-ALL_VARIANTS = (*DEFAULT_VARIANTS, "compile-max-autotune")
+# fusedmlp with another recompute level than the default ("activation")
+RECOMPUTE_VARIANTS = ("fusedmlp-none", "fusedmlp-gemm")
+ALL_VARIANTS = (*DEFAULT_VARIANTS, "compile-max-autotune", *RECOMPUTE_VARIANTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,12 @@ def build_variants(preset: Preset, eager: nn.Module, x: Tensor, names: tuple[str
             out[name] = _Liger(eager, fn) if fn is not None else "liger_kernel not importable or no kernel"
         elif name == "fusedmlp":
             out[name] = preset.fused(eager)
+        elif name in RECOMPUTE_VARIANTS:
+            level = name.removeprefix("fusedmlp-")
+            cls = FusedGatedMLP if preset.gated else FusedMLP
+            out[name] = (
+                cls.from_module(eager, recompute=level) if preset.layers == 2 else "no recompute levels"
+            )
         else:
             raise ValueError(f"unknown variant {name!r}; known: {', '.join(ALL_VARIANTS)}")
     return out
