@@ -71,29 +71,50 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def _gpu_ratio(case: dict[str, Any], name: str) -> float | None:
+    """GPU time over the floor's: CUDA-graph times when both exist (host overhead removed), else
+    the do_bench medians."""
+    r, floor = case["variants"].get(name, {}), case["variants"].get("floor", {})
+    for key in ("graph_us", "us"):
+        if r.get(key) and floor.get(key):
+            return r[key] / floor[key]
+    return None
+
+
 def plot(record: dict[str, Any], path: Path) -> None:
-    """Forward time relative to the cuBLAS floor, per case and variant (lower is better)."""
+    """Forward GPU time relative to the cuBLAS floor, per case and variant (lower is better)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = record["cases"]
+    cases = [c for c in record["cases"] if "us" in c["variants"].get("floor", {})]
     names = [
         n
-        for n in ("eager", "eager-merged", "compile", "compile-max-autotune", "liger", "fusedmlp")
-        if any("vs_floor" in c["variants"].get(n, {}) for c in cases)
+        for n in (
+            "eager",
+            "eager-merged",
+            "compile",
+            "compile-max-autotune",
+            "liger",
+            "fusedmlp",
+            "fusedmlp-none",
+            "fusedmlp-gemm",
+        )
+        if any(_gpu_ratio(c, n) for c in cases)
     ]
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cases)), 4))
     width = 0.8 / max(len(names), 1)
     for i, n in enumerate(names):
-        vals = [c["variants"].get(n, {}).get("vs_floor", 0) for c in cases]
+        vals = [_gpu_ratio(c, n) or 0 for c in cases]
         ax.bar([j + i * width for j in range(len(cases))], vals, width, label=n)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax.set_xticklabels([f"{c['preset'].split('@')[0]}\nM={c['M']}" for c in cases], fontsize=8)
-    ax.set_ylabel("forward time / cuBLAS GEMM floor")
-    ax.set_title(f"{record['env']['gpu']}, {cases[0]['dtype'] if cases else ''}")
+    ax.set_ylabel("forward GPU time / cuBLAS GEMM floor")
+    ax.set_title(
+        f"{record['env']['gpu']}, {cases[0]['dtype'] if cases else ''} (CUDA-graph times where measured)"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
