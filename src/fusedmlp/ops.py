@@ -308,6 +308,7 @@ def mlp_backward_impl(
         H = dh.shape[1]
         up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
         _k_act.act_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None)
+        del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
     elif use_triton(dy, pre):
         # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
         dpre, h_new = _k_gemm_bwd.gemm_act_backward(
@@ -330,6 +331,7 @@ def mlp_backward_impl(
         else:
             dpre = reference.act_backward(dh, pre, act)
             h = act(pre) if need_h else h
+        del dh
     assert h is not None
     # Output projection's gradients first, so that h is freed before the two GEMMs over
     # d(gate|up) allocate theirs.
