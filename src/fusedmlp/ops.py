@@ -3,7 +3,10 @@
 Every op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through
 it without a graph break, and a registered autograd formula. Dispatch happens inside each op:
 the Triton kernel on CUDA tensors (and on CPU tensors when Triton's interpreter is on, which is
-how CI runs the kernels), the eager reference from ``reference.py`` everywhere else.
+how CI runs the kernels), the eager reference from ``reference.py`` everywhere else. The whole-MLP
+op also has an autograd.Function twin (:class:`MLPFunction`) over the same implementation, which
+eager calls use: a custom op's dispatch costs more host time than a decode-sized forward's GPU
+time (functional.py picks by ``torch.compiler.is_compiling()``).
 """
 
 from __future__ import annotations
