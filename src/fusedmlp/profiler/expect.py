@@ -29,27 +29,26 @@ class Role:
     intermediate_bytes: int  # the part of ``bytes`` that is [tokens, intermediate] tensors
 
 
-def _gemm(label: str, m: int, k: int, n: int, e: int, bias: bool, reads_mid: bool, writes_mid: bool) -> Role:
-    """x[m, k] @ w[k, n] (+ bias) -> [m, n]; ``*_mid``: the input / output is an intermediate."""
-    a, w, out = m * k * e, k * n * e, m * n * e
+def _gemm(
+    label: str,
+    m: int,
+    k: int,
+    n: int,
+    e: int,
+    bias: bool,
+    reads_mid: bool,
+    writes_mid: bool,
+    n_out: int | None = None,
+) -> Role:
+    """x[m, k] @ w[k, n] (+ bias) -> [m, n]; ``*_mid``: the input / output is an intermediate.
+    ``n_out``: the width actually written, when an epilogue reduces it (gated: n = 2 * n_out)."""
+    a, w, out = m * k * e, k * n * e, m * (n if n_out is None else n_out) * e
     return Role(
         label,
         gemm=True,
         flops=2 * m * k * n,
         bytes=a + w + out + (n * e if bias else 0),
         intermediate_bytes=(a if reads_mid else 0) + (out if writes_mid else 0),
-    )
-
-
-def _fused_gemm(label: str, m: int, k: int, n_in: int, n_out: int, e: int, bias: bool) -> Role:
-    """x[m, k] @ w[k, n_in] with the (gated) activation in the epilogue, writing only [m, n_out]."""
-    a, w, out = m * k * e, k * n_in * e, m * n_out * e
-    return Role(
-        label,
-        gemm=True,
-        flops=2 * m * k * n_in,
-        bytes=a + w + out + (n_in * e if bias else 0),
-        intermediate_bytes=out,
     )
 
 
@@ -93,7 +92,7 @@ def expected_kernels(preset: Preset, variant: str, element_size: int) -> list[Ro
     if variant == "fusedmlp":
         first = f"gate|up GEMM + {act}(gate)*up epilogue" if preset.gated else f"fc1 GEMM + {act} epilogue"
         return [
-            _fused_gemm(first, m, d, (2 if preset.gated else 1) * h, h, e, b),
+            _gemm(first, m, d, (2 if preset.gated else 1) * h, e, b, False, True, n_out=h),
             _gemm("down GEMM" if preset.gated else "fc2 GEMM", m, h, d, e, b, True, False),
         ]
     if not preset.gated:
