@@ -286,6 +286,23 @@ def test_every_recompute_mode_meets_the_contract(cls, eager_cls, recompute, dtyp
     check_module_contract(eager, fused, torch.randn(2, 5, 43, device=DEVICE).to(dtype))
 
 
+@pytest.mark.parametrize("cls,eager_cls", [(FusedGatedMLP, GatedMLP), (FusedMLP, MLP)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_recompute_in_column_blocks_meets_the_contract(cls, eager_cls, dtype, monkeypatch):
+    """Recompute.GEMM's backward over blocks of hidden columns (25, 25, 25, 22 of H = 97)."""
+    from fusedmlp import ops
+
+    monkeypatch.setattr(ops, "GEMM_RECOMPUTE_MIN_WIDTH", 16)
+    calls = []
+    blocks = ops._backward_recompute_blocks
+    monkeypatch.setattr(ops, "_backward_recompute_blocks", lambda *a: calls.append(1) or blocks(*a))
+    eager = eager_cls(43, 97, "gelu_tanh", bias=True, device=DEVICE, dtype=dtype)
+    fused = cls.from_module(eager, recompute="gemm")
+    x = torch.randn(2, 7, 86, device=DEVICE).to(dtype)[..., ::2]  # non-contiguous
+    check_module_contract(eager, fused, x)
+    assert calls, "the blocked backward did not run"
+
+
 def test_unknown_recompute_mode():
     with pytest.raises(ValueError, match="unknown recompute mode 'all'"):
         FusedGatedMLP(8, 16, recompute="all")

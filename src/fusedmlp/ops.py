@@ -291,18 +291,22 @@ def mlp_backward_impl(
     gated: bool,
     has_b_out: bool,
     in_place: bool = False,
+    dw_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
 
-    ``pre`` None: recompute it from x (Recompute.GEMM). ``h`` None: recompute it in the
-    backward GEMM's epilogue. ``in_place``: d(gate|up) overwrites ``pre`` (each element is read,
-    then written, by the same program), which takes 2H elements per token off the backward's
-    peak memory; ``pre`` is garbage afterwards.
+    ``pre`` None: recompute it from x (Recompute.GEMM), a block of hidden columns at a time where
+    H is wide (:func:`_backward_recompute_blocks`). ``h`` None: recompute it with d(gate|up).
+    ``in_place``: d(gate|up) overwrites ``pre`` (each element is read, then written, by the same
+    program), which takes 2H elements per token off the backward's peak memory; ``pre`` is
+    garbage afterwards. ``dw_out``: W_out's gradient, already taken by a caller that then freed h.
     """
     act = resolve(activation)
+    if pre is None and dw_out is None and w_out.shape[1] > GEMM_RECOMPUTE_MIN_WIDTH:
+        return _backward_recompute_blocks(dy, x, w_in, b_in, w_out, activation, gated, has_b_out)
     if pre is None:
         pre, in_place = torch.nn.functional.linear(x, w_in, b_in), True  # a buffer of our own
-    need_h = h is None
+    need_h = h is None and dw_out is None
     if use_triton(dy, pre) and not (FUSED_BACKWARD_GEMM and _fused_gemm_ok(dy)):  # cuBLAS dh, then pointwise
         dh = dy @ w_out
         dpre = pre if in_place else torch.empty_like(pre)
@@ -335,13 +339,73 @@ def mlp_backward_impl(
             dpre = reference.act_backward(dh, pre, act)
             h = act(pre) if need_h else h
         del dh
-    assert h is not None
-    # Output projection's gradients first, so that h is freed before the two GEMMs over
-    # d(gate|up) allocate theirs.
-    dw_out = dy.t() @ h
-    db_out = dy.sum(0) if has_b_out else None
+    if dw_out is None:
+        # Output projection's gradients first, so that h is freed before the two GEMMs over
+        # d(gate|up) allocate theirs.
+        assert h is not None
+        dw_out = dy.t() @ h
     del h
+    db_out = dy.sum(0) if has_b_out else None
     return dpre @ w_in, dpre.t() @ x, (dpre.sum(0) if b_in is not None else None), dw_out, db_out
+
+
+# Recompute.GEMM keeps nothing of the forward but x. Its backward would still hold [tokens, 3H]
+# of gate|up and dh at once; instead it walks blocks of at least this many hidden columns (4
+# blocks where H >= 4x this), so one block's [tokens, 3 * width] lives at a time.
+GEMM_RECOMPUTE_MIN_WIDTH = 512
+GEMM_RECOMPUTE_BLOCKS = 4
+
+
+def _backward_recompute_blocks(
+    dy: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    activation: str,
+    gated: bool,
+    has_b_out: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The backward of Recompute.GEMM over blocks of hidden columns j.
+
+    Each block recomputes its gate and up columns (x @ W_in[j]^T), dh_j = dy @ W_out[:, j], turns
+    gate|up into d(gate|up) in place and dh_j into h_j, then writes W_in's rows j and W_out's
+    columns j of the weight gradients, each ONE GEMM over all tokens: exactly what the unblocked
+    backward computes. Only dx = sum_j d(gate|up)_j @ W_in[j] spans blocks; it sums in fp32,
+    each block's term rounded to the storage dtype once (the unblocked dx rounds once in all).
+    """
+    act = resolve(activation)
+    H = w_out.shape[1]
+    width = max(GEMM_RECOMPUTE_MIN_WIDTH, -(-H // GEMM_RECOMPUTE_BLOCKS))
+    dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    db_in = torch.empty_like(b_in) if b_in is not None else None
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    triton = use_triton(dy, x, w_in, b_in, w_out)
+    for j0 in range(0, H, width):
+        j1 = min(j0 + width, H)
+        rows = [slice(j0, j1)] + ([slice(H + j0, H + j1)] if gated else [])
+        pre = [torch.nn.functional.linear(x, w_in[r], None if b_in is None else b_in[r]) for r in rows]
+        dh = dy @ w_out[:, j0:j1]
+        up = pre[1] if gated else None
+        if triton:  # in place: gate|up become their gradients, dh becomes h
+            _k_act.act_backward(dh, pre[0], up, act, pre[0], up, dh)
+            dpre, h = pre, dh
+        elif gated:
+            assert up is not None
+            dpre = list(reference.gated_act_backward(dh, pre[0], up, act))
+            h = reference.gated_act(pre[0], up, act)
+        else:
+            dpre, h = [reference.act_backward(dh, pre[0], act)], act(pre[0])
+        del pre, up, dh
+        torch.mm(dy.t(), h, out=dw_out[:, j0:j1])
+        del h
+        for r, d in zip(rows, dpre, strict=True):
+            torch.mm(d.t(), x, out=dw_in[r])
+            if db_in is not None:
+                torch.sum(d, 0, out=db_in[r])
+            dx += d @ w_in[r]
+        del dpre, d
+    return dx.to(x.dtype), dw_in, db_in, dw_out, (dy.sum(0) if has_b_out else None)
 
 
 class MLPFunction(torch.autograd.Function):
@@ -364,7 +428,10 @@ class MLPFunction(torch.autograd.Function):
         y, pre, h = mlp_forward(x, w_in, b_in, w_out, b_out, activation, gated, mode)
         if mode != INFERENCE:
             ctx.meta = (activation, gated, b_out is not None)
-            ctx.save_for_backward(x, w_in, b_in, w_out, pre, h)
+            ctx.save_for_backward(x, w_in, b_in, w_out, pre)
+            # h (Recompute.NONE) is held apart from the saved tensors so that the backward can
+            # free it as soon as W_out's gradient is taken, before it allocates its own buffers
+            ctx.h = h
         return y
 
     @staticmethod
@@ -375,8 +442,14 @@ class MLPFunction(torch.autograd.Function):
                 "forward: backward(retain_graph=True) followed by a second backward is not supported"
             )
         ctx.consumed = True
-        x, w_in, b_in, w_out, pre, h = ctx.saved_tensors
-        grads = mlp_backward_impl(dy.contiguous(), x, w_in, b_in, w_out, pre, h, *ctx.meta, in_place=True)
+        x, w_in, b_in, w_out, pre = ctx.saved_tensors
+        dy = dy.contiguous()
+        h, ctx.h = ctx.h, None
+        dw_out = dy.t() @ h if h is not None else None
+        del h  # its last reference: the peak below no longer holds [tokens, H] of h
+        grads = mlp_backward_impl(
+            dy, x, w_in, b_in, w_out, pre, None, *ctx.meta, in_place=True, dw_out=dw_out
+        )
         return (*grads, None, None, None)
 
 
