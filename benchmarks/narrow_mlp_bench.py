@@ -38,8 +38,12 @@ from fusedmlp.numerics import check_contract
 TARGET_FWD_SPEEDUP = 8.0  # issue 7, vs both eager and torch.compile
 TARGET_FWD_BWD_SPEEDUP = 4.0
 # (BLOCK_M, num_warps, programs per SM; 0 = one program per row block)
-FWD_SWEEP = [(64, 4, 0), (64, 4, 2), (128, 4, 0), (128, 4, 1), (128, 4, 2), (128, 8, 0), (128, 8, 2)]
-BWD_SWEEP = [(64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 1), (128, 8, 2), (128, 8, 4)]
+FWD_SWEEP = [(64, 4, 0), (128, 4, 0), (128, 4, 2), (128, 8, 0)]
+# (BLOCK_M, num_warps, programs per SM, layers per recompute segment; None = the default)
+BWD_SWEEP = [
+    (128, 8, 1, None), (128, 8, 1, 2), (128, 8, 1, 9), (128, 4, 2, None),
+    (64, 8, 1, None), (64, 4, 2, None), (64, 4, 2, 1), (64, 4, 2, 2), (64, 4, 3, None), (64, 4, 4, 2),
+]
 
 
 def make_stack(widths: list[int], device: str, dtype: torch.dtype) -> nn.Sequential:
@@ -114,19 +118,22 @@ def sweep(fused: FusedSequentialMLP, x: torch.Tensor, dy: torch.Tensor, device: 
         w, b = functional.pack_narrow_mlp([m.weight for m in linears], [m.bias for m in linears])
     widths = [linears[0].in_features] + [m.out_features for m in linears]
     acts = fused.activations
-    cases = [("forward", kernels.narrow_mlp_forward, (x,), cfg) for cfg in FWD_SWEEP]
+    cases = [("forward", kernels.narrow_mlp_forward, (x,), (*cfg, None)) for cfg in FWD_SWEEP]
     cases += [("backward", kernels.narrow_mlp_backward, (dy, x), cfg) for cfg in BWD_SWEEP]
     rows: list[dict[str, Any]] = []
-    for kernel, launch, inputs, (bm, warps, per_sm) in cases:
+    for kernel, launch, inputs, (bm, warps, per_sm, seg) in cases:
         row: dict[str, Any] = {"kernel": kernel, "block_m": bm, "num_warps": warps, "programs_per_sm": per_sm}
+        extra = {}
+        if kernel == "backward":
+            extra["segment"] = row["segment"] = seg if seg is not None else kernels.default_segment(len(acts))
         try:  # a config that does not fit this GPU is a result too, not the end of the run
-            fn = functools.partial(launch, *inputs, w, b, widths, acts, bm, warps, per_sm)
+            fn = functools.partial(launch, *inputs, w, b, widths, acts, bm, warps, per_sm, **extra)
             row["us"] = median_us(fn, device)
             shown = f"{row['us']:9.1f} us"
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:500]
             shown = row["error"][:80]
-        print(f"  {kernel:8s} BLOCK_M={bm:3d} warps={warps} programs/SM={per_sm} {shown}")
+        print(f"  {kernel:8s} BLOCK_M={bm:3d} warps={warps} programs/SM={per_sm} {extra} {shown}")
         rows.append(row)
     return rows
 

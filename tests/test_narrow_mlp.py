@@ -216,9 +216,28 @@ def test_kernels_serve_what_fits(dtype, monkeypatch):
     seq = make_seq([9, 40, 4], ["gelu", "identity"], True, dtype)
     x = torch.randn(6, 9, device=DEVICE, dtype=dtype, requires_grad=True)
     FusedSequentialMLP.from_module(seq)(x).sum().backward()
-    assert calls == ["narrow_mlp_forward", "narrow_mlp_backward"]
+    want = ["narrow_mlp_forward"] + (["narrow_mlp_backward"] if dtype != torch.float32 else [])
+    assert calls == want
     assert kernels.kernel_fits(256, torch.bfloat16) and kernels.kernel_fits(128, torch.float32)
     assert not kernels.kernel_fits(256, torch.float32)
+    # the backward's live tiles grow with depth (~2 sqrt(L)): a deep, wide stack trains on torch
+    assert kernels.kernel_fits(256, torch.bfloat16, layers=9)
+    assert not kernels.kernel_fits(256, torch.bfloat16, layers=64)
+    assert not kernels.kernel_fits(64, torch.float32, layers=3)  # fp32 trains on torch
+
+
+def test_deep_wide_stack_backward_falls_back_to_torch(monkeypatch):
+    """Where the backward kernel would not fit in shared memory, the backward runs the torch
+    reference (the forward still runs the kernel) and the gradients still meet the contract."""
+    from fusedmlp.kernels import narrow_mlp as kernels
+
+    monkeypatch.setattr(kernels, "_SMEM_LIMIT", kernels.backward_smem_bytes(32, torch.bfloat16, 3) - 1)
+    calls = []
+    real = kernels.narrow_mlp_backward
+    monkeypatch.setattr(kernels, "narrow_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seq = make_seq([9, 20, 30, 4], ["gelu", "silu", "identity"], True, torch.bfloat16)
+    check_contract(seq, torch.randn(40, 9, device=DEVICE).to(torch.bfloat16))
+    assert not calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -241,3 +260,25 @@ def test_autocast_bf16():
     y_f.float().sum().backward()
     w = fused.get_submodule("0").weight
     assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_every_recompute_segment(dtype):
+    """The backward kernel's segment length (1 .. L; L recomputes nothing) leaves every gradient
+    as the default computes it, and the default meets the contract (test_contract)."""
+    from fusedmlp.kernels import narrow_mlp as kernels
+
+    widths, acts, bias, _ = STACKS["depth5"]
+    fused = FusedSequentialMLP.from_module(make_seq(widths, acts, bias, dtype))
+    linears = fused.linears
+    w, b = FF.pack_narrow_mlp([m.weight.detach() for m in linears], [m.bias.detach() for m in linears])
+    x = torch.randn(300, widths[0], device=DEVICE).to(dtype)
+    dy = torch.randn(300, widths[-1], device=DEVICE).to(dtype)
+    args = (dy, x, w, b, widths, fused.activations)
+    ref = kernels.narrow_mlp_backward(*args, block_m=32, segment=5)
+    for seg in range(1, 5):
+        out = kernels.narrow_mlp_backward(*args, block_m=32, segment=seg)
+        for name, o, r in zip(("dx", "dw", "db"), out, ref, strict=True):
+            torch.testing.assert_close(o, r, rtol=0, atol=0, msg=f"segment {seg}: {name}")
+    with pytest.raises(ValueError, match="segment must be in"):
+        kernels.narrow_mlp_backward(*args, segment=6)

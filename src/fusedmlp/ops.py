@@ -549,10 +549,11 @@ def unpack_narrow_mlp(w: Tensor, b: Tensor, widths: list[int]) -> tuple[list[Ten
     )
 
 
-def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int]) -> bool:
+def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int], backward: bool = False) -> bool:
+    """Whether the forward (or the backward) kernel serves this stack; else the torch reference."""
     if _k_narrow is None or max(widths) > _k_narrow.MAX_WIDTH or not use_triton(x, w, b):
         return False
-    return _k_narrow.kernel_fits(w.shape[-1], x.dtype)
+    return _k_narrow.kernel_fits(w.shape[-1], x.dtype, layers=len(widths) - 1 if backward else None)
 
 
 @torch.library.custom_op("fusedmlp::narrow_mlp", mutates_args=())
@@ -579,7 +580,7 @@ def narrow_mlp_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw [L, P, P], db [L, P]) of :func:`narrow_mlp`; padded entries of dw and db are zero."""
     acts = [resolve(a) for a in activations.split(",")]
-    if not _narrow_on_triton(x, w, b, widths):
+    if not _narrow_on_triton(x, w, b, widths, backward=True):
         weights, biases = unpack_narrow_mlp(w, b, widths)
         dx, dws, dbs = reference.narrow_mlp_backward(grad, x, weights, list(biases), list(acts))
         dw, db = torch.zeros_like(w), torch.zeros_like(b)

@@ -22,16 +22,17 @@ model pays once.
 
 The forward may run persistent too (``programs_per_sm``): the same kernel, looping over blocks.
 
-Backward: one persistent launch of G programs (one per SM by default). Each program walks its row
-blocks; per block it recomputes the forward from x, parking each layer's pre-activation z_l
-(storage dtype, as eager saves it) in a private scratch slice [L, BLOCK_M, P] that is reused by
-every block of the program, so the scratch (G * L * BLOCK_M * P elements: 19 MB for the
-2^20 x 64-wide case at one program per SM on H100) can live in L2, instead of the L * M * width
-elements eager saves. It then walks back through the layers: dz_l, db_l,
-dW_l += dz_l^T h_{l-1} into the program's fp32 partial sums, and dh_{l-1} = dz_l W_l, ending in
-dx. The G partials are summed by torch afterwards: deterministic, and a second small launch.
-Math is fp32 (tl.dot accumulates in fp32); the operands of each dot are rounded to the storage
-dtype as eager rounds them, once per layer.
+Backward: one persistent launch of G programs (two per SM at P <= 64). Each program walks its
+row blocks; per block it recomputes the forward from x, keeping in registers/shared memory only
+the input of every recompute segment (SEGMENT layers each, ~sqrt(L)) and the last segment's
+pre-activations z_l (storage dtype, as eager saves them). It then walks back segment by segment,
+recomputing each earlier segment's z from its input: dz_l, db_l and dW_l += dz_l^T h_{l-1} by
+fire-and-forget atomic reductions into the program's own fp32 partial sums (one thread owns each
+element, so the order of additions is fixed), and dh_{l-1} = dz_l W_l, ending in dx. Nothing
+per layer goes through memory (an earlier design parked every z_l in an L2 scratch: measured
+1.6x slower, benchmarks/results/narrow-bwd-variants-v1). The G partials are summed by torch
+afterwards: deterministic, and a second small launch. Math is fp32 (tl.dot accumulates in fp32);
+the operands of each dot are rounded to the storage dtype as eager rounds them, once per layer.
 
 Row offsets are int64: M * row_stride passes 2^31 at these batch sizes (2^25 rows x 64).
 """
@@ -76,6 +77,12 @@ def _linear(a, w_ptr, b_ptr, l, P: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _hidden(z, ACT: tl.constexpr, WIDTH: tl.constexpr, cols, dtype: tl.constexpr):
+    """h = act(z) in the storage dtype, zero past the layer's width: the next layer's operand."""
+    return to_storage(tl.where((cols < WIDTH)[None, :], apply_act(z.to(tl.float32), ACT), 0.0), dtype)
+
+
+@triton.jit
 def _narrow_mlp_fwd_kernel(
     # pointers: x [M, D0], packed w [L, P, P] and b [L, P] (contiguous), y [M, D_L]
     x_ptr, w_ptr, b_ptr, y_ptr,
@@ -112,25 +119,25 @@ def _narrow_mlp_fwd_kernel(
 @triton.jit
 def _narrow_mlp_bwd_kernel(
     # pointers: x [M, D0], dy [M, D_L], packed w [L, P, P] and b [L, P], dx [M, D0] (unit columns);
-    # per-program fp32 partials dw [G, L, P, P] and db [G, L, P] (zeroed); scratch z [G, L, BLOCK_M, P]
-    x_ptr, dy_ptr, w_ptr, b_ptr, dx_ptr, dw_ptr, db_ptr, z_ptr,
+    # per-program fp32 partials dw [G, L, P, P] and db [G, L, P] (zeroed)
+    x_ptr, dy_ptr, w_ptr, b_ptr, dx_ptr, dw_ptr, db_ptr,
     # sizes
     M, num_blocks,
     # strides of x and dy (any), dx (unit columns)
     stride_xm, stride_xk, stride_dym, stride_dyk, stride_dxm,
-    # meta, as in the forward
+    # meta, as in the forward; SEGMENT: layers per recompute segment
     L: tl.constexpr, P: tl.constexpr, WIDTHS: tl.constexpr, ACTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENT: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, P)
     r = tl.arange(0, BLOCK_M)
-    # this program's private slices of the partial sums and the scratch
+    # this program's private slices of the partial sums
     dw_ptr += pid.to(tl.int64) * L * P * P + cols[:, None] * P + cols[None, :]
     db_ptr += pid.to(tl.int64) * L * P + cols
-    z_ptr += pid.to(tl.int64) * L * BLOCK_M * P + r[:, None] * P + cols[None, :]
+    LAST: tl.constexpr = (L - 1) // SEGMENT * SEGMENT  # first layer of the last segment
 
     for blk in range(pid, num_blocks, num_programs):
         rows = blk * BLOCK_M + r.to(tl.int64)  # blk * BLOCK_M < M fits int32; row * stride may not
@@ -138,61 +145,106 @@ def _narrow_mlp_bwd_kernel(
         x_mask = row_ok & (cols < WIDTHS[0])[None, :]
         x_ptrs = x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk
 
-        # forward, parking the pre-activations of all but the last layer, whose z stays in
-        # registers (rows past M hold act(b) and get dy = 0 below)
+        # forward, keeping in registers the input of every segment but the first (x is reloaded)
+        # and the last segment's pre-activations (rows past M hold act(b) and get dy = 0 below)
         a = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        inputs = ()
+        zs = ()
         for l in tl.static_range(L):
+            if l % SEGMENT == 0 and l > 0:
+                inputs = inputs + (a,)  # noqa: RUF005 - Triton's frontend takes no starred tuples
             z = to_storage(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), dtype)
+            if l >= LAST:
+                zs = zs + (z,)  # noqa: RUF005
             if l + 1 < L:
-                tl.store(z_ptr + l * BLOCK_M * P, z)
-                h = apply_act(z.to(tl.float32), ACTS[l])
-                a = to_storage(tl.where((cols < WIDTHS[l + 1])[None, :], h, 0.0), dtype)
-        # the walk may read a z element with another thread than the one that stored it
-        tl.debug_barrier()
+                a = _hidden(z, ACTS[l], WIDTHS[l + 1], cols, dtype)
 
-        # backward: g is dL/dh_l in fp32; z_l is carried from one step to the next
+        # backward, segment by segment from the last: g is dL/dh in fp32
         g = tl.load(
             dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyk,
             mask=row_ok & (cols < WIDTHS[L])[None, :],
             other=0.0,
         ).to(tl.float32)
-        z = z.to(tl.float32)
-        for l in tl.static_range(L - 1, -1, -1):
-            _, dz = apply_act_bwd(z, g, ACTS[l])
-            dz = tl.where((cols < WIDTHS[l + 1])[None, :], dz, 0.0)
-            tl.store(db_ptr + l * P, tl.load(db_ptr + l * P) + tl.sum(dz, axis=0))
-            dz = to_storage(dz, dtype)
-            if l > 0:
-                z = tl.load(z_ptr + (l - 1) * BLOCK_M * P).to(tl.float32)
-                h = apply_act(z, ACTS[l - 1])
-                a = to_storage(tl.where((cols < WIDTHS[l])[None, :], h, 0.0), dtype)
+        for s in tl.static_range(LAST, -1, -SEGMENT):
+            if s == 0:  # noqa: SIM108
+                seg_in = tl.load(x_ptrs, mask=x_mask, other=0.0)
             else:
-                a = tl.load(x_ptrs, mask=x_mask, other=0.0)
-            dw = _dot(tl.trans(dz), a, DOT_PRECISION)
-            tl.store(dw_ptr + l * P * P, tl.load(dw_ptr + l * P * P) + dw)
-            w = tl.load(w_ptr + l * P * P + cols[:, None] * P + cols[None, :])
-            g = _dot(dz, w, DOT_PRECISION)
+                seg_in = inputs[s // SEGMENT - 1]
+            if s < LAST:  # recompute this segment's pre-activations from its input
+                zs = ()
+                a = seg_in
+                for i in tl.static_range(SEGMENT):
+                    z = to_storage(_linear(a, w_ptr, b_ptr, s + i, P, DOT_PRECISION), dtype)
+                    zs = zs + (z,)  # noqa: RUF005
+                    if i + 1 < SEGMENT:
+                        a = _hidden(z, ACTS[s + i], WIDTHS[s + i + 1], cols, dtype)
+            for i in tl.static_range(SEGMENT - 1, -1, -1):
+                if s + i < L:
+                    _, dz = apply_act_bwd(zs[i].to(tl.float32), g, ACTS[s + i])
+                    dz = tl.where((cols < WIDTHS[s + i + 1])[None, :], dz, 0.0)
+                    # fire-and-forget reductions into this program's own slice (no load to wait
+                    # for; one thread owns each element, so the order of its additions is fixed)
+                    tl.atomic_add(db_ptr + (s + i) * P, tl.sum(dz, axis=0), sem="relaxed")
+                    dz = to_storage(dz, dtype)
+                    a = _hidden(zs[i - 1], ACTS[s + i - 1], WIDTHS[s + i], cols, dtype) if i > 0 else seg_in
+                    dw = _dot(tl.trans(dz), a, DOT_PRECISION)
+                    tl.atomic_add(dw_ptr + (s + i) * P * P, dw, sem="relaxed")
+                    w = tl.load(w_ptr + (s + i) * P * P + cols[:, None] * P + cols[None, :])
+                    g = _dot(dz, w, DOT_PRECISION)
         tl.store(
             dx_ptr + rows[:, None] * stride_dxm + cols[None, :],
             to_storage(g, dtype),
             mask=x_mask,
         )
-        # the next block's scratch stores and partial-sum loads must follow this block's, in
-        # every thread (a layout change may hand an element to another thread)
-        tl.debug_barrier()
 
 
-def kernel_fits(padded: int, dtype: torch.dtype) -> bool:
-    """Whether the forward and backward kernels at padded width P = ``padded`` fit sm_90's 227 KB
-    of shared memory per program. From compiling the default configs for sm_90a (L=3; at P=64,
-    L=9 needs the same):
-    bf16/fp16 forward 24 KB at P=64, 164 KB at P=256; backward 48 KB at P=64, 96 KB at P=128,
-    144 KB at P=256 (BLOCK_M=32, 4 warps; 320 KB at BLOCK_M=64, 8 warps). fp32 (ieee FMA dots)
-    forward 128 KB at P=128 but 321 KB at P=256 (the [256, 256] fp32 weight tile alone is 256 KB);
-    backward 64 KB at P=64, 96 KB at P=128. The ops run the torch reference where this is False,
-    on every device alike, so CI under the interpreter tests the path a GPU takes.
+_SMEM_LIMIT = 227 * 1024  # sm_90: shared memory per program
+
+# The backward keeps a segment's inputs and pre-activations live across the walk; the compiler
+# parks them in shared memory as dot operands, one [BLOCK_M, P] tile each, on top of a base for
+# the weight and the dot operands. sm_90a compiles (triton 3.6, bf16, default configs):
+# P=64, BLOCK_M=64: 48 KB at L=9 (5 tiles), 90 KB with 9; P=128, BLOCK_M=64: 128 KB at L=9
+# (5 tiles), 160 KB at L=16 (7); P=256, BLOCK_M=32: 192 KB at L=9 (5), 224 KB at L=16 (7),
+# 368 KB at L=16 with segments of one layer (16). Bases with margin, per P, in bytes of bf16:
+_BWD_SMEM_BASE = {16: 16 * 1024, 32: 24 * 1024, 64: 40 * 1024, 128: 64 * 1024, 256: 128 * 1024}
+
+
+def live_tiles(layers: int, segment: int) -> int:
+    """[BLOCK_M, P] tiles the backward holds at once: the inputs of every segment but the first,
+    and one segment's pre-activations."""
+    return -(-layers // segment) - 1 + segment
+
+
+def default_segment(layers: int) -> int:
+    """Layers per recompute segment of the backward: the fewest live tiles (~2 sqrt(L)), then
+    the fewest recomputed layers (all before the last segment, which the forward leaves live)."""
+    return min(range(1, layers + 1), key=lambda s: (live_tiles(layers, s), (layers - 1) // s * s))
+
+
+def backward_smem_bytes(padded: int, dtype: torch.dtype, layers: int, segment: int | None = None) -> int:
+    """Estimated shared memory of the backward kernel at its default config (model above)."""
+    block_m, _ = _default_config(padded, backward=True)
+    e = torch.finfo(dtype).bits // 8
+    seg = default_segment(layers) if segment is None else segment
+    return _BWD_SMEM_BASE[padded] * e // 2 + live_tiles(layers, seg) * block_m * padded * e
+
+
+def kernel_fits(padded: int, dtype: torch.dtype, layers: int | None = None) -> bool:
+    """Whether the forward kernel at padded width P = ``padded`` fits sm_90's 227 KB of shared
+    memory per program, and, given ``layers``, the backward too. Forward (sm_90a compiles):
+    bf16/fp16 24 KB at P=64, 164 KB at P=256; fp32 (ieee FMA dots) 128 KB at P=128 but 321 KB
+    at P=256 (the [256, 256] fp32 weight tile alone is 256 KB). Backward:
+    :func:`backward_smem_bytes`. The ops run the torch reference where this is False, on every
+    device alike, so CI under the interpreter tests the path a GPU takes.
     """
-    return padded <= (128 if dtype == torch.float32 else MAX_WIDTH)
+    if padded > (128 if dtype == torch.float32 else MAX_WIDTH):
+        return False
+    if layers is None:
+        return True
+    # fp32 backward: the FMA dots of the recompute-segment kernel spill catastrophically (sm_90a,
+    # L=9: 55 KB of stack per thread at P=64, 122 KB at P=128, minutes to compile), so fp32
+    # training takes the torch path until the kernel has an fp32 design of its own.
+    return dtype != torch.float32 and backward_smem_bytes(padded, dtype, layers) <= _SMEM_LIMIT
 
 
 def padded_width(widths: Sequence[int]) -> int:
@@ -201,14 +253,23 @@ def padded_width(widths: Sequence[int]) -> int:
 
 
 def _default_config(P: int, backward: bool) -> tuple[int, int]:
-    """(BLOCK_M, num_warps). Untuned guesses from register arithmetic, to be replaced by the H100
-    sweep in benchmarks/narrow_mlp_bench.py (docs/perf-notes-narrow.md): the fp32 [BLOCK_M, P]
-    activation costs BLOCK_M * P / (32 * warps) registers per thread, and the backward holds ~4."""
+    """(BLOCK_M, num_warps). P <= 64 from the H200 sweeps of benchmarks/narrow_mlp_bench.py
+    (docs/perf-notes-narrow.md): forward (128, 4) one program per row block, 190 us; backward
+    (64, 4) at 2 programs per SM, 1782 us against 1998 at (128, 8) and 2934 at (64, 8). Wider P
+    are untuned guesses from register arithmetic (an fp32 [BLOCK_M, P] tile costs
+    BLOCK_M * P / (32 * warps) registers per thread) and shared memory (backward_smem_bytes)."""
     if P <= 64:
-        return (128, 8) if backward else (128, 4)
+        return (64, 4) if backward else (128, 4)
     if P <= 128:
         return (64, 8) if backward else (128, 8)
-    return (32, 4) if backward else (64, 8)  # backward: 144 KB of shared memory; 320 KB at (64, 8)
+    return (32, 4) if backward else (64, 8)
+
+
+def _backward_programs_per_sm(P: int) -> int:
+    """Two resident programs per SM where two fit (4 warps x 255 registers and 48 KB of shared
+    memory each at P <= 64); wider backward programs take most of an SM's shared memory, and a
+    persistent program that is not resident would only start when another ends."""
+    return 2 if P <= 64 else 1
 
 
 # num_stages=1 on every launch: the software pipeliner multi-buffers the loop-invariant weight
@@ -294,35 +355,39 @@ def narrow_mlp_backward(
     acts: Sequence[Activation],
     block_m: int | None = None,
     num_warps: int | None = None,
-    programs_per_sm: int = 1,
+    programs_per_sm: int | None = None,
+    segment: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [M, D0], dw [L, P, P], db [L, P]) in the storage dtype; padded entries of dw/db are 0.
 
-    ``programs_per_sm``: persistent programs per SM. More hide more latency but each adds an fp32
-    partial [L, P, P] to sum and a scratch slice, and all of them should stay in L2 (50 MB on H100).
-    Default 1: at P=64 the default (128 rows, 8 warps) takes 255 registers/thread, i.e. the whole
-    register file, so a second program per SM could not be resident anyway.
+    ``programs_per_sm``: persistent programs per SM (default: two where two fit); each adds an
+    fp32 partial [L, P, P] to sum.
+    ``segment``: layers per recompute segment (default :func:`default_segment`; L keeps every
+    pre-activation of the forward in registers and recomputes nothing).
     """
     P = _check(x, w, b, widths, acts)
     M, L = x.shape[0], len(acts)
     if tuple(dy.shape) != (M, widths[-1]):
         raise ValueError(f"dy must be [{M}, {widths[-1]}], got {tuple(dy.shape)}")
+    seg = default_segment(L) if segment is None else segment
+    if not 1 <= seg <= L:
+        raise ValueError(f"segment must be in [1, {L}], got {seg}")
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if M == 0:
         return dx, torch.zeros_like(w), torch.zeros_like(b)
     bm, warps = _default_config(P, backward=True)
     bm, warps = block_m or bm, num_warps or warps
     num_blocks = triton.cdiv(M, bm)
-    G = _grid_programs(num_blocks, x.device, programs_per_sm)
+    per_sm = _backward_programs_per_sm(P) if programs_per_sm is None else programs_per_sm
+    G = _grid_programs(num_blocks, x.device, per_sm)
     dw = torch.zeros((G, L, P, P), dtype=torch.float32, device=x.device)
     db = torch.zeros((G, L, P), dtype=torch.float32, device=x.device)
-    scratch = torch.empty((G, L, bm, P), dtype=x.dtype, device=x.device)
     _narrow_mlp_bwd_kernel[(G,)](
-        x, dy, w, b, dx, dw, db, scratch,
+        x, dy, w, b, dx, dw, db,
         M, num_blocks,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0),
         L=L, P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
-        BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps,
+        BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), SEGMENT=seg, num_warps=warps,
         num_stages=1,
     )
     return dx, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype)
