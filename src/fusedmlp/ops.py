@@ -201,8 +201,9 @@ class Recompute(str, enum.Enum):
     - ``NONE``: gate|up and h, 3H*e: the backward recomputes nothing.
     - ``ACTIVATION``: gate|up, 2H*e: the backward recomputes h in its pointwise kernel (free: that
       kernel reads gate|up anyway). The default.
-    - ``GEMM``: nothing beyond x: the backward recomputes gate|up with one cuBLAS GEMM
-      (about a third more backward FLOPs), the least memory.
+    - ``GEMM``: nothing beyond x: the backward recomputes gate|up (about a third more backward
+      FLOPs), a block of hidden columns at a time, so even inside the backward only
+      [tokens, 3H/4] of intermediates live at once: the least memory, and the slowest.
     """
 
     NONE = "none"
