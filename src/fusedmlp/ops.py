@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .activations import resolve
+from .activations import Activation, resolve
 
 try:
     from .kernels import gated_act as _k_act
@@ -280,6 +280,31 @@ def mlp_forward(
     return y, (pre if store_pre else None), (h if mode == Recompute.NONE else None)
 
 
+def _pointwise_backward(
+    dh: Tensor,
+    gate: Tensor,
+    up: Tensor | None,
+    act: Activation,
+    dgate: Tensor,
+    dup: Tensor | None,
+    h: Tensor | None,
+) -> None:
+    """Writes d(gate) (and d(up) when gated) of h = act(gate) * up given dh, and h where given;
+    outputs may alias inputs (in place). The Triton kernel where it serves these tensors, else
+    the torch reference."""
+    if use_triton(dh, gate, up):
+        _k_act.act_backward(dh, gate, up, act, dgate, dup, h)
+        return
+    if up is None:
+        results = (reference.act_backward(dh, gate, act), None, act(gate) if h is not None else None)
+    else:
+        dg, du = reference.gated_act_backward(dh, gate, up, act)
+        results = (dg, du, reference.gated_act(gate, up, act) if h is not None else None)
+    for dst, src in zip((dgate, dup, h), results, strict=True):  # every input read before any write
+        if dst is not None and src is not None:
+            dst.copy_(src)
+
+
 def mlp_backward_impl(
     dy: Tensor,
     x: Tensor,
@@ -308,16 +333,7 @@ def mlp_backward_impl(
     if pre is None:
         pre, in_place = torch.nn.functional.linear(x, w_in, b_in), True  # a buffer of our own
     need_h = h is None and dw_out is None
-    if use_triton(dy, pre) and not (FUSED_BACKWARD_GEMM and _fused_gemm_ok(dy)):  # cuBLAS dh, then pointwise
-        dh = dy @ w_out
-        dpre = pre if in_place else torch.empty_like(pre)
-        if need_h:
-            h = dh if in_place else torch.empty_like(dh)
-        H = dh.shape[1]
-        up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
-        _k_act.act_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None)
-        del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
-    elif use_triton(dy, pre):
+    if use_triton(dy, pre) and FUSED_BACKWARD_GEMM and _fused_gemm_ok(dy):
         # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
         dpre, h_new = _k_gemm_bwd.gemm_act_backward(
             dy,
@@ -330,16 +346,15 @@ def mlp_backward_impl(
             allow_tf32=torch.backends.cuda.matmul.allow_tf32,
         )
         h = h_new if need_h else h
-    else:
+    else:  # cuBLAS dh, then the pointwise backward
         dh = dy @ w_out
-        if gated:
-            g, u = reference.split_gate_up(pre)
-            dpre = torch.cat(reference.gated_act_backward(dh, g, u, act), dim=-1)
-            h = reference.gated_act(g, u, act) if need_h else h
-        else:
-            dpre = reference.act_backward(dh, pre, act)
-            h = act(pre) if need_h else h
-        del dh
+        dpre = pre if in_place else torch.empty_like(pre)
+        if need_h:
+            h = dh if in_place else torch.empty_like(dh)
+        H = dh.shape[1]
+        up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
+        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None)
+        del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
     if dw_out is None:
         # Output projection's gradients first, so that h is freed before the two GEMMs over
         # d(gate|up) allocate theirs.
@@ -381,22 +396,14 @@ def _backward_recompute_blocks(
     dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
     db_in = torch.empty_like(b_in) if b_in is not None else None
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    triton = use_triton(dy, x, w_in, b_in, w_out)
     for j0 in range(0, H, width):
         j1 = min(j0 + width, H)
         rows = [slice(j0, j1)] + ([slice(H + j0, H + j1)] if gated else [])
         pre = [torch.nn.functional.linear(x, w_in[r], None if b_in is None else b_in[r]) for r in rows]
         dh = dy @ w_out[:, j0:j1]
         up = pre[1] if gated else None
-        if triton:  # in place: gate|up become their gradients, dh becomes h
-            _k_act.act_backward(dh, pre[0], up, act, pre[0], up, dh)
-            dpre, h = pre, dh
-        elif gated:
-            assert up is not None
-            dpre = list(reference.gated_act_backward(dh, pre[0], up, act))
-            h = reference.gated_act(pre[0], up, act)
-        else:
-            dpre, h = [reference.act_backward(dh, pre[0], act)], act(pre[0])
+        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh)  # in place
+        dpre, h = pre, dh  # gate|up now hold their gradients, dh holds h
         del pre, up, dh
         torch.mm(dy.t(), h, out=dw_out[:, j0:j1])
         del h
