@@ -7,7 +7,12 @@ own and timed alone on the default case (2^20 rows, 32 -> 64 x8 -> 16, ReLU, bf1
 kernel at ``--rev`` (dx, dW, db); ablations (``timing only``) compute wrong numbers on purpose, to price one
 stage by difference.
 
-    PYTHONPATH=src python3 benchmarks/narrow_bwd_variants.py --out DIR   # DIR/narrow_bwd_variants_<time>.json
+    PYTHONPATH=src python3 benchmarks/narrow_bwd_variants.py --study v2 --out DIR
+
+writes DIR/narrow_bwd_variants_<UTC time>.json.
+
+Studies: v1, the scratch-parking kernel of 40e72f6 (its results: narrow-bwd-variants-v1); v2, the
+recompute-segment kernel of b253e37 (what its weight-gradient reductions cost).
 
 Under TRITON_INTERPRET=1 with --rows 300 it runs as a smoke test of the substitutions.
 """
@@ -18,6 +23,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,14 +32,12 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import triton
 
 from fusedmlp.activations import Activation
 from fusedmlp.bench.timing import median_us
 from fusedmlp.kernels import narrow_mlp as shipped
 
-# The kernel these variants rewrite: the backward as of this commit (scratch-parking design),
-# read from git so the study reruns after the kernel has moved on.
-STUDY_REV = "40e72f6"
 KERNEL_PATH = "src/fusedmlp/kernels/narrow_mlp.py"
 
 
@@ -42,6 +46,7 @@ def kernel_source(rev: str) -> str:
     return subprocess.run(
         ["git", "show", f"{rev}:{KERNEL_PATH}"], cwd=root, capture_output=True, text=True, check=True
     ).stdout
+
 
 # "shipped": the kernel at --rev as it is. "red": partial sums by fire-and-forget reductions (no
 # load, no wait for the L2 round trip); each program still owns its slice, so the order of
@@ -93,7 +98,7 @@ _NO_SCRATCH = [
     ),
 ]
 
-VARIANTS: dict[str, tuple[list[tuple[str, str]], bool]] = {  # name: (substitutions, exact)
+V1_VARIANTS: dict[str, tuple[list[tuple[str, str]], bool]] = {  # name: (substitutions, exact)
     "shipped": ([], True),
     "red": (_RED, True),
     "red+prefetch": (_RED + _PREFETCH, True),
@@ -102,7 +107,49 @@ VARIANTS: dict[str, tuple[list[tuple[str, str]], bool]] = {  # name: (substituti
     "ablate: no scratch": (_NO_SCRATCH, False),
     "ablate: no scratch + dW/db store only": (_NO_SCRATCH + _DW_STORE_ONLY, False),
 }
-CONFIGS = [(128, 8, 1), (64, 4, 2), (128, 4, 2), (256, 16, 1)]
+
+# v2 (recompute segments, atomic partial sums). What the weight-gradient reductions cost, and a
+# candidate: each layer's [P, P] fp32 dW tile reduced into the program's slice by one TMA bulk
+# reduction (cp.reduce.async.bulk.tensor, through a tensor descriptor) instead of P*P/threads
+# scalar reductions per thread.
+_V2_DW = 'tl.atomic_add(dw_ptr + (s + i) * P * P, dw, sem="relaxed")'
+_V2_DB = 'tl.atomic_add(db_ptr + (s + i) * P, tl.sum(dz, axis=0), sem="relaxed")'
+_V2_NO_REDUCTIONS = [(_V2_DW, "pass"), (_V2_DB, "pass")]  # the dW dot is dead code then
+_V2_DW_PLAIN_STORE = [(_V2_DW, "tl.store(dw_ptr + (s + i) * P * P, dw)")]
+# the dW dot kept, one reduction per block instead of one per layer (sums every layer's dW)
+_V2_DW_ONCE = [
+    (
+        "    for blk in range(pid, num_blocks, num_programs):\n",
+        "    for blk in range(pid, num_blocks, num_programs):\n"
+        "        dw_all = tl.zeros((P, P), tl.float32)\n",
+    ),
+    (_V2_DW, "dw_all += dw"),
+    (
+        "        tl.store(\n            dx_ptr",
+        '        tl.atomic_add(dw_ptr, dw_all, sem="relaxed")\n        tl.store(\n            dx_ptr',
+    ),
+]
+_V2_TMA_REDUCE = [
+    (
+        "    dw_ptr += pid.to(tl.int64) * L * P * P + cols[:, None] * P + cols[None, :]\n",
+        "    dw_desc = tl.make_tensor_descriptor(dw_ptr, shape=[num_programs * L * P, P], strides=[P, 1],"
+        " block_shape=[P, P])\n",
+    ),
+    (_V2_DW, "dw_desc.atomic_add([(pid * L + s + i) * P, 0], dw)"),
+]
+V2_VARIANTS: dict[str, tuple[list[tuple[str, str]], bool]] = {
+    "shipped": ([], True),
+    "tma bulk reduce of dW": (_V2_TMA_REDUCE, True),
+    "ablate: dW plain store (no L2 add)": (_V2_DW_PLAIN_STORE, False),
+    "ablate: one dW reduction per block": (_V2_DW_ONCE, False),
+    "ablate: no dW/db reductions": (_V2_NO_REDUCTIONS, False),
+}
+
+# study: (kernel revision read from git, variants, (BLOCK_M, num_warps, programs per SM) configs)
+STUDIES = {
+    "v1": ("40e72f6", V1_VARIANTS, [(128, 8, 1), (64, 4, 2), (128, 4, 2), (256, 16, 1)]),
+    "v2": ("b253e37", V2_VARIANTS, [(64, 4, 2), (128, 8, 1), (64, 4, 1)]),
+}
 
 
 def build(name: str, source: str, subs: list[tuple[str, str]], tmp: Path) -> ModuleType:
@@ -126,9 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1 << 20)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--rev", default=STUDY_REV, help="git revision of the kernel to rewrite")
+    ap.add_argument("--study", choices=sorted(STUDIES), default="v2")
+    ap.add_argument(
+        "--configs", default=None, help='"BLOCK_M,warps,programs_per_sm;..." (default: the study\'s)'
+    )
+    ap.add_argument("--variants", default=None, help="comma-separated names (default: all of the study)")
+    ap.add_argument(
+        "--rev", default=None, help="git revision of the kernel to rewrite (default: the study's)"
+    )
     args = ap.parse_args(argv)
+    study_rev, variants, study_configs = STUDIES[args.study]
+    rev = args.rev or study_rev
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     widths = [32] + [64] * 8 + [16]
@@ -145,13 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     w, b = w.to(device, dtype), b.to(device, dtype)
     x = torch.randn(args.rows, widths[0], generator=gen).to(device, dtype)
     dy = torch.randn(args.rows, widths[-1], generator=gen).to(device, dtype)
-    configs = CONFIGS if device == "cuda" else [(32, 4, 1)]
+    if args.configs:
+        study_configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+    configs = study_configs if device == "cuda" else [(32, 4, 1)]
+    if device == "cuda":  # device-side tensor descriptors take their scratch from this allocator
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
 
-    source = kernel_source(args.rev)
+    source = kernel_source(rev)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants.split(","):
-            subs, exact = VARIANTS[name]
+        for name in args.variants.split(",") if args.variants else variants:
+            subs, exact = variants[name]
             module = build(name, source, subs, Path(tmp))
             if name == "shipped":
                 ref = module.narrow_mlp_backward(dy, x, w, b, widths, acts, *configs[0])
@@ -187,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "kernel": f"{KERNEL_PATH} at {args.rev}",
+        "kernel": f"{KERNEL_PATH} at {rev}",
+        "study": args.study,
+        "DISABLE_MMA_V3": os.environ.get("DISABLE_MMA_V3", ""),  # Triton: mma.sync instead of wgmma
         "rows": rows,
     }
     if args.out:
