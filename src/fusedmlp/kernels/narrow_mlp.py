@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..activations import Activation
 from .activation import apply_act, apply_act_bwd
-from .common import to_storage
+from .common import TensorDescriptor, mma, tma_ok, to_storage
 
 MAX_WIDTH = 256
 
@@ -196,6 +196,122 @@ def _narrow_mlp_bwd_kernel(
             to_storage(g, dtype),
             mask=x_mask,
         )
+
+
+@triton.jit
+def _weight(w_ptr, w_desc, l, P: tl.constexpr, W_TMA: tl.constexpr):
+    """W_l [P, P]: by TMA (no [P, P] tensor of 64-bit addresses held in registers) or pointers."""
+    if W_TMA:
+        return w_desc.load([l * P, 0])
+    offs = tl.arange(0, P)
+    return tl.load(w_ptr + l * P * P + offs[:, None] * P + offs[None, :])
+
+
+@triton.jit
+def _narrow_mlp_boundaries_kernel(
+    # x [M, D0]; packed w, b; seg [n_seg - 1, M, P]: the input of every segment but the first
+    x_ptr, w_ptr, b_ptr, seg_ptr,
+    M, num_blocks, stride_xm, stride_xk,
+    L: tl.constexpr, P: tl.constexpr, WIDTHS: tl.constexpr, ACTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENT: tl.constexpr,
+):
+    """The forward up to the last segment's input, storing each segment's input (storage dtype)."""
+    dtype = x_ptr.dtype.element_ty
+    cols = tl.arange(0, P)
+    LAST: tl.constexpr = (L - 1) // SEGMENT * SEGMENT
+    for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = (rows < M)[:, None]
+        a = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=row_ok & (cols < WIDTHS[0])[None, :],
+            other=0.0,
+        )
+        for l in tl.static_range(LAST):
+            z = to_storage(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), dtype)
+            a = _hidden(z, ACTS[l], WIDTHS[l + 1], cols, dtype)
+            if (l + 1) % SEGMENT == 0:
+                tl.store(seg_ptr + ((l + 1) // SEGMENT - 1) * M * P + rows[:, None] * P + cols[None, :], a,
+                         mask=row_ok)
+
+
+@triton.jit
+def _narrow_mlp_bwd_segment_kernel(
+    # a_in: the segment's input (x, or seg[k - 1]); g_in: dL/d(output of the segment) (dy, or the
+    # previous launch's g_out); g_out: dL/d(input of the segment) (dx, or a [M, P] buffer);
+    # dw [G, SEG, P, P] and db [G, SEG, P] fp32: each program's sums, written once at its end
+    a_ptr, g_in_ptr, w_ptr, w_desc, b_ptr, g_out_ptr, dw_ptr, db_ptr,
+    M, num_blocks, stride_am, stride_ak, stride_gm, stride_gk, stride_om,
+    L: tl.constexpr, P: tl.constexpr, WIDTHS: tl.constexpr, ACTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, S0: tl.constexpr, SEG: tl.constexpr,
+    W_TMA: tl.constexpr,
+):
+    """Layers [S0, S0 + SEG) of the backward over every row block of this program, with their
+    weight and bias gradients summed in registers across the blocks (loop-carried dot
+    accumulators: no per-block reductions)."""
+    dtype = a_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    cols = tl.arange(0, P)
+    r = tl.arange(0, BLOCK_M)
+    dw0 = tl.zeros((P, P), tl.float32)
+    dw1 = tl.zeros((P, P), tl.float32)
+    dw2 = tl.zeros((P, P), tl.float32)
+    # bias gradients as dz^T @ ones: a [P, 16] dot accumulator (every column the same sum) is
+    # 8 registers a thread, where a loop-carried tl.sum result costs far more (spills)
+    ones = tl.full((BLOCK_M, 16), 1.0, dtype)
+    db0 = tl.zeros((P, 16), tl.float32)
+    db1 = tl.zeros((P, 16), tl.float32)
+    db2 = tl.zeros((P, 16), tl.float32)
+    for blk in range(pid, num_blocks, tl.num_programs(0)):
+        rows = blk * BLOCK_M + r.to(tl.int64)
+        row_ok = (rows < M)[:, None]
+        a_mask = row_ok & (cols < WIDTHS[S0])[None, :]
+        seg_in = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ak, mask=a_mask, other=0.0)
+        zs = ()
+        a = seg_in
+        for i in tl.static_range(SEG):
+            w = _weight(w_ptr, w_desc, S0 + i, P, W_TMA)
+            bias = tl.load(b_ptr + (S0 + i) * P + cols).to(tl.float32)
+            z = to_storage(_dot(a, tl.trans(w), DOT_PRECISION) + bias[None, :], dtype)
+            zs = zs + (z,)  # noqa: RUF005
+            if i + 1 < SEG:
+                a = _hidden(z, ACTS[S0 + i], WIDTHS[S0 + i + 1], cols, dtype)
+        g = tl.load(
+            g_in_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gk,
+            mask=row_ok & (cols < WIDTHS[S0 + SEG])[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        for i in tl.static_range(SEG - 1, -1, -1):
+            _, dz = apply_act_bwd(zs[i].to(tl.float32), g, ACTS[S0 + i])
+            dz = tl.where((cols < WIDTHS[S0 + i + 1])[None, :] & row_ok, dz, 0.0)
+            a = _hidden(zs[i - 1], ACTS[S0 + i - 1], WIDTHS[S0 + i], cols, dtype) if i > 0 else seg_in
+            if i == 0:
+                dz = to_storage(dz, dtype)
+                dw0 = mma(tl.trans(dz), a, dw0, DOT_PRECISION)
+                db0 = mma(tl.trans(dz), ones, db0, DOT_PRECISION)
+            elif i == 1:
+                dz = to_storage(dz, dtype)
+                dw1 = mma(tl.trans(dz), a, dw1, DOT_PRECISION)
+                db1 = mma(tl.trans(dz), ones, db1, DOT_PRECISION)
+            else:
+                dz = to_storage(dz, dtype)
+                dw2 = mma(tl.trans(dz), a, dw2, DOT_PRECISION)
+                db2 = mma(tl.trans(dz), ones, db2, DOT_PRECISION)
+            g = _dot(dz, _weight(w_ptr, w_desc, S0 + i, P, W_TMA), DOT_PRECISION)
+        tl.store(
+            g_out_ptr + rows[:, None] * stride_om + cols[None, :], to_storage(g, dtype), mask=a_mask
+        )
+    dw_ptr += pid.to(tl.int64) * SEG * P * P + cols[:, None] * P + cols[None, :]
+    db_ptr += pid.to(tl.int64) * SEG * P + cols[:, None] + tl.arange(0, 16)[None, :] * 0
+    first = (tl.arange(0, 16) == 0)[None, :]  # one column of the [P, 16] sums
+    tl.store(dw_ptr, dw0)
+    tl.store(db_ptr, db0, mask=first)
+    if SEG > 1:
+        tl.store(dw_ptr + P * P, dw1)
+        tl.store(db_ptr + P, db1, mask=first)
+    if SEG > 2:
+        tl.store(dw_ptr + 2 * P * P, dw2)
+        tl.store(db_ptr + 2 * P, db2, mask=first)
 
 
 _SMEM_LIMIT = 227 * 1024  # sm_90: shared memory per program
@@ -391,3 +507,61 @@ def narrow_mlp_backward(
         num_stages=1,
     )
     return dx, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype)
+
+
+def narrow_mlp_backward_segmented(
+    dy: Tensor,
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    widths: Sequence[int],
+    acts: Sequence[Activation],
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    programs_per_sm: int | None = None,
+    segment: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`narrow_mlp_backward`, one launch per segment (PROTOTYPE)."""
+    P = _check(x, w, b, widths, acts)
+    M, L = x.shape[0], len(acts)
+    seg = segment or min(3, default_segment(L))
+    n_seg = triton.cdiv(L, seg)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dw = torch.zeros((L, P, P), dtype=torch.float32, device=x.device)
+    db = torch.zeros((L, P), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return dx, dw.to(w.dtype), db.to(b.dtype)
+    bm, warps = _default_config(P, backward=True)
+    bm, warps = block_m or bm, num_warps or warps
+    num_blocks = triton.cdiv(M, bm)
+    per_sm = _backward_programs_per_sm(P) if programs_per_sm is None else programs_per_sm
+    G = _grid_programs(num_blocks, x.device, per_sm)
+    meta = dict(L=L, P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
+                DOT_PRECISION=_dot_precision(x.dtype))
+    bounds = torch.empty((max(n_seg - 1, 0), M, P), dtype=x.dtype, device=x.device)
+    if n_seg > 1:
+        fbm, fwarps = _default_config(P, backward=False)
+        fblocks = triton.cdiv(M, fbm)
+        _narrow_mlp_boundaries_kernel[(_grid_programs(fblocks, x.device, 0),)](
+            x, w, b, bounds, M, fblocks, x.stride(0), x.stride(1),
+            BLOCK_M=fbm, SEGMENT=seg, num_warps=fwarps, num_stages=1, **meta,
+        )
+    w_tma = x.is_cuda and tma_ok(w.view(L * P, P))
+    w_desc = TensorDescriptor.from_tensor(w.view(L * P, P), [P, P]) if w_tma else w
+    g_bufs = [torch.empty((M, P), dtype=x.dtype, device=x.device) for _ in range(min(n_seg - 1, 2))]
+    g_in: Tensor = dy
+    for k in range(n_seg - 1, -1, -1):
+        s0, sl = k * seg, min(seg, L - k * seg)
+        a_in = x if k == 0 else bounds[k - 1]
+        g_out = dx if k == 0 else g_bufs[k % len(g_bufs)]
+        dwp = torch.empty((G, sl, P, P), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((G, sl, P), dtype=torch.float32, device=x.device)
+        _narrow_mlp_bwd_segment_kernel[(G,)](
+            a_in, g_in, w, w_desc, b, g_out, dwp, dbp,
+            M, num_blocks, a_in.stride(0), a_in.stride(1), g_in.stride(0), g_in.stride(1), g_out.stride(0),
+            BLOCK_M=bm, S0=s0, SEG=sl, W_TMA=w_tma, num_warps=warps, num_stages=1, **meta,
+        )
+        dw[s0 : s0 + sl] = dwp.sum(0)
+        db[s0 : s0 + sl] = dbp.sum(0)
+        g_in = g_out
+    return dx, dw.to(w.dtype), db.to(b.dtype)
