@@ -564,11 +564,7 @@ def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int], backwa
     return _k_narrow.kernel_fits(w.shape[-1], x.dtype, layers=len(widths) - 1 if backward else None)
 
 
-@torch.library.custom_op("fusedmlp::narrow_mlp", mutates_args=())
-def narrow_mlp(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
-    """y [..., D_L] of the stack over x [..., D_0]; ``w`` [L, P, P] and ``b`` [L, P] zero-padded,
-    ``widths`` = [D_0, ..., D_L], ``activations`` one name per layer, comma-separated ("identity"
-    for none; a comma-joined str because custom ops take no list of strings)."""
+def _narrow_mlp_forward(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
     acts = [resolve(a) for a in activations.split(",")]
     if not _narrow_on_triton(x, w, b, widths):
         weights, biases = unpack_narrow_mlp(w, b, widths)
@@ -577,16 +573,9 @@ def narrow_mlp(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: 
     return y.view(*x.shape[:-1], widths[-1])
 
 
-@narrow_mlp.register_fake
-def _(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
-    return x.new_empty((*x.shape[:-1], widths[-1]))
-
-
-@torch.library.custom_op("fusedmlp::narrow_mlp_backward", mutates_args=())
-def narrow_mlp_backward(
+def _narrow_mlp_backward(
     grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw [L, P, P], db [L, P]) of :func:`narrow_mlp`; padded entries of dw and db are zero."""
     acts = [resolve(a) for a in activations.split(",")]
     if not _narrow_on_triton(x, w, b, widths, backward=True):
         weights, biases = unpack_narrow_mlp(w, b, widths)
@@ -600,6 +589,27 @@ def narrow_mlp_backward(
         grad.reshape(-1, widths[-1]), x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts
     )
     return dx.view(x.shape), dw, db
+
+
+@torch.library.custom_op("fusedmlp::narrow_mlp", mutates_args=())
+def narrow_mlp(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+    """y [..., D_L] of the stack over x [..., D_0]; ``w`` [L, P, P] and ``b`` [L, P] zero-padded,
+    ``widths`` = [D_0, ..., D_L], ``activations`` one name per layer, comma-separated ("identity"
+    for none; a comma-joined str because custom ops take no list of strings)."""
+    return _narrow_mlp_forward(x, w, b, widths, activations)
+
+
+@narrow_mlp.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], widths[-1]))
+
+
+@torch.library.custom_op("fusedmlp::narrow_mlp_backward", mutates_args=())
+def narrow_mlp_backward(
+    grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw [L, P, P], db [L, P]) of :func:`narrow_mlp`; padded entries of dw and db are zero."""
+    return _narrow_mlp_backward(grad, x, w, b, widths, activations)
 
 
 @narrow_mlp_backward.register_fake
@@ -622,3 +632,22 @@ def _narrow_mlp_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Non
 
 
 narrow_mlp.register_autograd(_narrow_mlp_bwd, setup_context=_narrow_mlp_setup)
+
+
+class NarrowMLPFunction(torch.autograd.Function):
+    """Eager twin of :func:`narrow_mlp` over the same implementation, as :class:`MLPFunction` is
+    of :func:`mlp`: the custom op's dispatch costs more host time per call than the one kernel
+    it launches takes on the GPU at 2^20 rows; traced code uses the custom op."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+        ctx.widths, ctx.activations = widths, activations
+        ctx.save_for_backward(x, w, b)
+        return _narrow_mlp_forward(x, w, b, widths, activations)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, b = ctx.saved_tensors
+        dx, dw, db = _narrow_mlp_backward(grad, x, w, b, ctx.widths, ctx.activations)
+        return dx, dw, db, None, None
