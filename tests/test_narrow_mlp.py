@@ -164,10 +164,17 @@ def test_bad_input():
     seq = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     assert can_fuse_sequential(seq) is None
     fused = FusedSequentialMLP.from_module(seq)
-    with pytest.raises(ValueError, match="hidden_size=16"):
-        fused(torch.randn(3, 17))
-    with pytest.raises(TypeError, match="floating-point"):
-        fused(torch.ones(3, 16, dtype=torch.int64))
+    for grad_mode in (True, False):  # training packs per call; inference checks x against the cache
+        with torch.set_grad_enabled(grad_mode):
+            with pytest.raises(ValueError, match="hidden_size=16"):
+                fused(torch.randn(3, 17))
+            with pytest.raises(TypeError, match="floating-point"):
+                fused(torch.ones(3, 16, dtype=torch.int64))
+            with pytest.raises(TypeError, match="dtype torch.float64 but"):
+                fused(torch.randn(3, 16, dtype=torch.float64))
+    fused.get_submodule("2").to(torch.float64)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"2.weight is torch.float64 .* share one dtype"):
+        fused(torch.randn(3, 16))
     with pytest.raises(ValueError, match="every width <= 256"):
         FF.narrow_mlp(torch.randn(2, 8), [torch.randn(300, 8)], [None], ["relu"])
     with pytest.raises(ValueError, match="layer 1: weight has shape"):

@@ -181,36 +181,45 @@ def narrow_widths(weights: list[Tensor], biases: list[Tensor | None]) -> list[in
     return widths
 
 
-def narrow_mlp(
-    x: Tensor,
-    weights: list[Tensor],
-    biases: list[Tensor | None],
-    activations: list[str | Activation],
-    *,
-    packed: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """h_l = act_l(h_{l-1} @ W_l^T + b_l) for every layer, as one kernel when all widths are <= 256.
-
-    ``packed``: the result of :func:`pack_narrow_mlp` for these weights, to skip re-packing (it then
-    receives the gradients instead of ``weights`` and ``biases``).
-    """
+def narrow_spec(
+    weights: list[Tensor], biases: list[Tensor | None], activations: list[str | Activation]
+) -> tuple[list[int], str]:
+    """(widths [D_0, ..., D_L], the activations as the ops' comma-joined names) of a stack, or a
+    ValueError naming what does not fit: mismatched shapes, a count of activations, a width."""
     acts = [resolve(a) for a in activations]
     widths = narrow_widths(weights, biases)
     if len(acts) != len(weights):
         raise ValueError(f"need one activation per layer: {len(weights)} layers, {len(acts)} activations")
     if max(widths) > NARROW_MAX_WIDTH:
         raise ValueError(f"narrow_mlp needs every width <= {NARROW_MAX_WIDTH}, got widths {widths}")
+    return widths, ",".join(a.value for a in acts)
+
+
+def narrow_mlp_packed(x: Tensor, w: Tensor, b: Tensor, widths: list[int], names: str) -> Tensor:
+    """The stack over already packed, validated parameters (:func:`pack_narrow_mlp` and
+    :func:`narrow_spec`); checks only ``x`` against them. Gradients land on ``w`` and ``b``."""
+    check_inputs(x, widths[0], weights=w)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
+        return ops.narrow_mlp(x, w, b, widths, names)
+    return ops.NarrowMLPFunction.apply(x, w, b, widths, names)  # eager: less host time per call
+
+
+def narrow_mlp(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[str | Activation],
+) -> Tensor:
+    """h_l = act_l(h_{l-1} @ W_l^T + b_l) for every layer, as one kernel when all widths are <= 256."""
+    widths, names = narrow_spec(weights, biases, activations)
     check_inputs(
         x,
         widths[0],
         **{f"weights[{i}]": w for i, w in enumerate(weights)},
         **{f"biases[{i}]": b for i, b in enumerate(biases)},
     )
-    w, b = packed if packed is not None else pack_narrow_mlp(weights, biases)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
-    names = ",".join(a.value for a in acts)
-    if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
-        return ops.narrow_mlp(x, w, b, widths, names)
-    return ops.NarrowMLPFunction.apply(x, w, b, widths, names)  # eager: less host time per call
+    w, b = pack_narrow_mlp(weights, biases)
+    return narrow_mlp_packed(x, w, b, widths, names)

@@ -373,6 +373,8 @@ class FusedLinearAct(nn.Module):
         """Wrap ``block``'s child ``name`` (shared, not copied) and its activation."""
         act = activation if activation is not None else _find_activation(block)
         return cls(block.get_submodule(name), act, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # FusedSequentialMLP: an nn.Sequential of narrow Linear layers and activations as one kernel
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +447,7 @@ class FusedSequentialMLP(nn.Module):
             self.add_module(name, linear)
         self.activations = [act for _, _, act in layers]
         self._names = [name for name, _, _ in layers]
-        self._packed: tuple[tuple[object, ...], tuple[Tensor, Tensor]] | None = None
+        self._packed: tuple[tuple[object, ...], tuple[Tensor, Tensor, list[int], str]] | None = None
 
     @classmethod
     def from_module(cls, seq: nn.Sequential) -> FusedSequentialMLP:
@@ -458,7 +460,7 @@ class FusedSequentialMLP(nn.Module):
 
     @property
     def linears(self) -> list[nn.Linear]:
-        return [self.get_submodule(n) for n in self._names]  # type: ignore[misc]
+        return [self._modules[n] for n in self._names]  # type: ignore[misc]
 
     @property
     def in_features(self) -> int:
@@ -474,20 +476,35 @@ class FusedSequentialMLP(nn.Module):
     def invalidate_packed(self) -> None:
         self._packed = None
 
-    def _packed_params(self, weights: list[Tensor], biases: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-        params = [p for p in (*weights, *biases) if p is not None]
+    def _packed_params(
+        self, weights: list[Tensor], biases: list[Tensor | None], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[int], str]:
+        """(w, b, widths, names) for the kernel, validated and packed once per parameter state."""
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._packed is None or self._packed[0] != key:
+            widths, names = functional.narrow_spec(weights, biases, self.activations)
+            first = weights[0]
+            for name, m in zip(self._names, self.linears, strict=True):
+                for kind, p in (("weight", m.weight), ("bias", m.bias)):
+                    if p is not None and (p.dtype, p.device) != (first.dtype, first.device):
+                        raise TypeError(
+                            f"{name}.{kind} is {p.dtype} on {p.device} but {self._names[0]}.weight is "
+                            f"{first.dtype} on {first.device}: the parameters must share one dtype and device"
+                        )
             with torch.no_grad():
-                self._packed = (key, functional.pack_narrow_mlp(weights, biases))
+                w, b = functional.pack_narrow_mlp(weights, biases)
+            self._packed = (key, (w, b, widths, names))
         return self._packed[1]
 
     def forward(self, x: Tensor) -> Tensor:
         linears = self.linears
         weights = [m.weight for m in linears]
         biases = [m.bias for m in linears]
-        packed = None
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if not wants_grad and not torch.compiler.is_compiling():
-            packed = self._packed_params(weights, biases)
-        return functional.narrow_mlp(x, weights, biases, self.activations, packed=packed)
+        params = [p for p in (*weights, *biases) if p is not None]
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        ):
+            # training (or tracing): pack as differentiable torch ops, so gradients reach each layer
+            return functional.narrow_mlp(x, weights, biases, self.activations)
+        # inference: the packed parameters are cached; only x is checked per call (host time)
+        return functional.narrow_mlp_packed(x, *self._packed_params(weights, biases, params))
