@@ -170,7 +170,7 @@ def test_bad_input():
                 fused(torch.randn(3, 17))
             with pytest.raises(TypeError, match="floating-point"):
                 fused(torch.ones(3, 16, dtype=torch.int64))
-            with pytest.raises(TypeError, match="dtype torch.float64 but"):
+            with pytest.raises(TypeError, match=r"dtype torch\.float64 but"):
                 fused(torch.randn(3, 16, dtype=torch.float64))
     fused.get_submodule("2").to(torch.float64)
     with torch.no_grad(), pytest.raises(TypeError, match=r"2.weight is torch.float64 .* share one dtype"):
@@ -215,8 +215,33 @@ def test_eager_calls_take_the_autograd_function(monkeypatch):
     for a, b_ in zip(*outs, strict=True):
         assert torch.equal(a, b_)
     (gx,) = torch.autograd.grad(fused(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+    with pytest.raises(RuntimeError, match=r"differentiate twice|does not require grad"):
         gx.sum().backward()
+
+
+def test_pack_is_one_autograd_node_with_the_padded_gradients():
+    """Eager packing is one autograd node; each parameter gets its slice of the packed grads."""
+    shapes = [(20, 7), (5, 20), (3, 5)]
+    weights = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in shapes]
+    biases = [
+        torch.randn(20, device=DEVICE, requires_grad=True),
+        None,
+        torch.randn(3, device=DEVICE, requires_grad=True),
+    ]
+    w, b = FF.pack_narrow_mlp(weights, biases)
+    assert type(w.grad_fn).__name__ == "PackNarrowFunctionBackward" and w.grad_fn is b.grad_fn
+    assert w.shape == (3, 32, 32) and b.shape == (3, 32)
+    for i, (wt, bt) in enumerate(zip(weights, biases, strict=True)):
+        o, k = wt.shape
+        assert torch.equal(w[i, :o, :k], wt) and not w[i, o:].any() and not w[i, :, k:].any()
+        assert torch.equal(b[i, :o], bt) if bt is not None else not b[i].any()
+    gw, gb = torch.randn_like(w), torch.randn_like(b)
+    torch.autograd.backward((w, b), (gw, gb))
+    for i, (wt, bt) in enumerate(zip(weights, biases, strict=True)):
+        o, k = wt.shape
+        assert torch.equal(wt.grad, gw[i, :o, :k])
+        if bt is not None:
+            assert torch.equal(bt.grad, gb[i, :o])
 
 
 def test_compile_fullgraph():

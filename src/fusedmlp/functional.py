@@ -157,6 +157,9 @@ def pack_narrow_mlp(weights: list[Tensor], biases: list[Tensor | None]) -> tuple
     two >= 16 of the widest layer. Differentiable: gradients of the packed tensors flow back to
     each layer's weight and bias."""
     P = max(16, 1 << (max(max(w.shape) for w in weights) - 1).bit_length())
+    if not torch.compiler.is_compiling():  # eager: one autograd node instead of 2L + 2
+        present = [b for b in biases if b is not None]
+        return ops.PackNarrowFunction.apply(P, tuple(b is not None for b in biases), *weights, *present)
     w = torch.stack([F.pad(w, (0, P - w.shape[1], 0, P - w.shape[0])) for w in weights])
     b = torch.stack(
         [

@@ -634,6 +634,30 @@ def _narrow_mlp_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Non
 narrow_mlp.register_autograd(_narrow_mlp_bwd, setup_context=_narrow_mlp_setup)
 
 
+class PackNarrowFunction(torch.autograd.Function):
+    """Per-layer weights and biases zero-padded into [L, P, P] and [L, P] as ONE autograd node,
+    whose backward hands each parameter its slice of the packed gradients. The F.pad + stack
+    formulation (which traced code keeps) is 2L + 2 nodes, and a training step's host time grows
+    with every node the autograd engine walks. ``bias_mask[l]``: whether layer l has a bias;
+    ``params``: the L weights, then the biases that exist."""
+
+    @staticmethod
+    def forward(ctx: Any, P: int, bias_mask: tuple[bool, ...], *params: Tensor) -> tuple[Tensor, Tensor]:
+        L = len(bias_mask)
+        ctx.weights = [(k, *params[k].shape) for k in range(L)]  # (layer, out, in)
+        ctx.biases = [(k, params[k].shape[0]) for k in range(L) if bias_mask[k]]  # (layer, out)
+        w, b = params[0].new_zeros(L, P, P), params[0].new_zeros(L, P)
+        dst = [w[k, :o, :i] for k, o, i in ctx.weights] + [b[k, :o] for k, o in ctx.biases]
+        torch._foreach_copy_(dst, list(params))  # one launch on CUDA
+        return w, b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dw: Tensor, db: Tensor) -> tuple[Tensor | None, ...]:
+        grads = [dw[k, :o, :i] for k, o, i in ctx.weights] + [db[k, :o] for k, o in ctx.biases]
+        return (None, None, *grads)
+
+
 class NarrowMLPFunction(torch.autograd.Function):
     """Eager twin of :func:`narrow_mlp` over the same implementation, as :class:`MLPFunction` is
     of :func:`mlp`: the custom op's dispatch costs more host time per call than the one kernel
