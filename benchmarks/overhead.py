@@ -84,9 +84,8 @@ def run_narrow(M):
         "kernel launcher alone": lambda: k.narrow_mlp_forward(x, w, b, widths, acts),
         "ops.narrow_mlp (custom op)": lambda: ops.narrow_mlp(x, w, b, widths, names),
         "ops.NarrowMLPFunction": lambda: ops.NarrowMLPFunction.apply(x, w, b, widths, names),
-        "functional.narrow_mlp (packed)": lambda: functional.narrow_mlp(
-            x, weights, biases, acts, packed=(w, b)
-        ),
+        "functional.narrow_mlp_packed": lambda: functional.narrow_mlp_packed(x, w, b, widths, names),
+        "functional.narrow_mlp (packs)": lambda: functional.narrow_mlp(x, weights, biases, acts),
         "FusedSequentialMLP forward": lambda: fused(x),
         "eager nn.Sequential forward": lambda: eager(x),
     }
