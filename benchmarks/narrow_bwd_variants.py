@@ -42,7 +42,10 @@ KERNEL_PATH = "src/fusedmlp/kernels/narrow_mlp.py"
 
 
 def kernel_source(rev: str) -> str:
+    """The kernel file at git revision ``rev``, or as it is on disk for ``rev="worktree"``."""
     root = Path(__file__).resolve().parent.parent
+    if rev == "worktree":
+        return (root / KERNEL_PATH).read_text()
     return subprocess.run(
         ["git", "show", f"{rev}:{KERNEL_PATH}"], cwd=root, capture_output=True, text=True, check=True
     ).stdout

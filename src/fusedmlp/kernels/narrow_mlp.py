@@ -184,11 +184,15 @@ def _narrow_mlp_bwd_kernel(
                     dz = tl.where((cols < WIDTHS[s + i + 1])[None, :], dz, 0.0)
                     # fire-and-forget reductions into this program's own slice (no load to wait
                     # for; one thread owns each element, so the order of its additions is fixed)
-                    tl.atomic_add(db_ptr + (s + i) * P, tl.sum(dz, axis=0), sem="relaxed")
+                    # only the layer's own [out, in] corner: padding would add zeros (and at
+                    # 64-row blocks the partials' volume, not their math, is what these cost)
+                    out_ok = cols < WIDTHS[s + i + 1]
+                    tl.atomic_add(db_ptr + (s + i) * P, tl.sum(dz, axis=0), mask=out_ok, sem="relaxed")
                     dz = to_storage(dz, dtype)
                     a = _hidden(zs[i - 1], ACTS[s + i - 1], WIDTHS[s + i], cols, dtype) if i > 0 else seg_in
                     dw = _dot(tl.trans(dz), a, DOT_PRECISION)
-                    tl.atomic_add(dw_ptr + (s + i) * P * P, dw, sem="relaxed")
+                    dw_ok = out_ok[:, None] & (cols < WIDTHS[s + i])[None, :]
+                    tl.atomic_add(dw_ptr + (s + i) * P * P, dw, mask=dw_ok, sem="relaxed")
                     w = tl.load(w_ptr + (s + i) * P * P + cols[:, None] * P + cols[None, :])
                     g = _dot(dz, w, DOT_PRECISION)
         tl.store(
