@@ -435,10 +435,11 @@ class FusedSequentialMLP(nn.Module):
     The Linear layers are kept as children under their Sequential indices, so ``state_dict`` keys
     and values are the Sequential's (``0.weight``, ``0.bias``, ``2.weight``, ...). The kernel wants
     the weights packed into one zero-padded [L, P, P] buffer: in training (gradients wanted) the
-    packing is redone each call as differentiable torch ops, so the gradients land on the
-    per-layer parameters; otherwise the packed buffer is cached and reused until a parameter
-    changes (its ``_version`` or storage). Writes through ``p.data`` bypass the version counter:
-    call :meth:`invalidate_packed` after those.
+    packing is redone each call (one autograd node), so the gradients land on the
+    per-layer parameters; otherwise the packed buffer (with the validated widths) is cached and
+    reused until a parameter changes (its ``_version`` or storage), and a call checks only x.
+    Writes through ``p.data`` bypass the version counter: call :meth:`invalidate_packed` after
+    those.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Linear, Activation]]) -> None:
@@ -504,7 +505,7 @@ class FusedSequentialMLP(nn.Module):
         if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(p.requires_grad for p in params)
         ):
-            # training (or tracing): pack as differentiable torch ops, so gradients reach each layer
+            # training (or tracing): pack per call, differentiably, so gradients reach each layer
             return functional.narrow_mlp(x, weights, biases, self.activations)
         # inference: the packed parameters are cached; only x is checked per call (host time)
         return functional.narrow_mlp_packed(x, *self._packed_params(weights, biases, params))

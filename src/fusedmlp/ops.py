@@ -648,7 +648,7 @@ class PackNarrowFunction(torch.autograd.Function):
         ctx.biases = [(k, params[k].shape[0]) for k in range(L) if bias_mask[k]]  # (layer, out)
         w, b = params[0].new_zeros(L, P, P), params[0].new_zeros(L, P)
         dst = [w[k, :o, :i] for k, o, i in ctx.weights] + [b[k, :o] for k, o in ctx.biases]
-        torch._foreach_copy_(dst, list(params))  # one launch on CUDA
+        torch._foreach_copy_(dst, list(params))  # one call (strided views take its per-tensor path)
         return w, b
 
     @staticmethod
