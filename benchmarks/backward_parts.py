@@ -98,7 +98,7 @@ def parts(name):
     for label, m in (("eager", eager), ("fusedmlp", fused)):
         rows[f"step {label} fwd+bwd (do_bench)"] = t(step(m))
         rows[f"step {label} fwd+bwd (CUDA graph)"] = t_graph(step(m))
-    flops = 6 * 2 * M * D * H  # 2 (gate|up) + 1 (down) forward, twice that backward
+    flops = 9 * 2 * M * D * H  # gate, up, down forward (3 x 2MDH), twice that backward
     print(f"\n== {name}: M={M} D={D} H={H} {act.value}; a step is {flops / 1e12:.3f} TFLOP")
     for k, v in rows.items():
         print(f"  {v:9.1f} us  {k}")
