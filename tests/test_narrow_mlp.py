@@ -76,6 +76,26 @@ def test_contract(stack, dtype):
     check_contract(seq, torch.randn(*lead, widths[0], device=DEVICE).to(dtype))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_contract_random_stacks(seed):
+    """Seeded random stacks: depth 1-6, widths 1-70 (padded widths 16, 32, 64, 128), any
+    activation per layer, bias or not per layer, 1-200 rows, every dtype in turn; outputs and
+    all gradients under the numerics contract."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=gen))
+
+    depth = 1 + pick(6)
+    widths = [1 + pick(70) for _ in range(depth + 1)]
+    acts = [list(_ACT_MODULES)[pick(len(_ACT_MODULES))] for _ in range(depth)]
+    bias = [bool(pick(2)) for _ in range(depth)]
+    dtype = DTYPES[seed % len(DTYPES)]
+    torch.manual_seed(seed)
+    seq = make_seq(widths, acts, bias, dtype)
+    check_contract(seq, torch.randn(1 + pick(200), widths[0], device=DEVICE).to(dtype))
+
+
 @pytest.mark.parametrize("act", list(_ACT_MODULES))
 def test_every_activation(act):
     seq = make_seq([10, 24, 6], [act, act], [False, True], torch.bfloat16)
