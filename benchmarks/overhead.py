@@ -33,6 +33,13 @@ def cpu_us(fn, n=200):
     return cpu
 
 
+def time_cases(cases, n=200):
+    """One line per case: CPU us per call (n calls back to back) and do_bench's median."""
+    for name, fn in cases.items():
+        gpu = triton.testing.do_bench(fn, return_mode="median") * 1e3
+        print(f"  {name:34s} CPU {cpu_us(fn, n):7.1f} us/call   do_bench {gpu:7.1f} us")
+
+
 def run(M):
     if True:  # one shape
         eager = GatedMLP(
@@ -53,9 +60,7 @@ def run(M):
         }
         print(f"\n== M={M}")
         with torch.no_grad():
-            for name, fn in cases.items():
-                gpu = triton.testing.do_bench(fn, return_mode="median") * 1e3
-                print(f"  {name:28s} CPU {cpu_us(fn):7.1f} us/call   do_bench {gpu:7.1f} us")
+            time_cases(cases)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(20):
                     fused(x)
@@ -91,9 +96,7 @@ def run_narrow(M):
     }
     print(f"\n== narrow-mlp M={M}")
     with torch.no_grad():
-        for name, fn in cases.items():
-            gpu = triton.testing.do_bench(fn, return_mode="median") * 1e3
-            print(f"  {name:34s} CPU {cpu_us(fn):7.1f} us/call   do_bench {gpu:7.1f} us")
+        time_cases(cases)
     xg = x.clone().requires_grad_()
     dy = torch.randn(M, widths[-1], device="cuda", dtype=x.dtype)
 
@@ -105,10 +108,13 @@ def run_narrow(M):
 
         return run_step
 
-    for name, m in (("FusedSequentialMLP", fused), ("eager nn.Sequential", eager)):
-        fn = step(m)
-        gpu = triton.testing.do_bench(fn, return_mode="median") * 1e3
-        print(f"  {name + ' fwd+bwd':34s} CPU {cpu_us(fn, 50):7.1f} us/call   do_bench {gpu:7.1f} us")
+    time_cases(
+        {
+            f"{name} fwd+bwd": step(m)
+            for name, m in (("FusedSequentialMLP", fused), ("eager nn.Sequential", eager))
+        },
+        n=50,
+    )
 
 
 def main():

@@ -202,6 +202,11 @@ def narrow_mlp_packed(x: Tensor, w: Tensor, b: Tensor, widths: list[int], names:
     """The stack over already packed, validated parameters (:func:`pack_narrow_mlp` and
     :func:`narrow_spec`); checks only ``x`` against them. Gradients land on ``w`` and ``b``."""
     check_inputs(x, widths[0], weights=w)
+    return _run_narrow(x, w, b, widths, names)
+
+
+def _run_narrow(x: Tensor, w: Tensor, b: Tensor, widths: list[int], names: str) -> Tensor:
+    """Autocast's dtype applied by hand (the ops are opaque to it), then the op or its twin."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
@@ -225,4 +230,4 @@ def narrow_mlp(
         **{f"biases[{i}]": b for i, b in enumerate(biases)},
     )
     w, b = pack_narrow_mlp(weights, biases)
-    return narrow_mlp_packed(x, w, b, widths, names)
+    return _run_narrow(x, w, b, widths, names)

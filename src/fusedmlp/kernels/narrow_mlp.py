@@ -180,13 +180,13 @@ def _narrow_mlp_bwd_kernel(
                         a = _hidden(z, ACTS[s + i], WIDTHS[s + i + 1], cols, dtype)
             for i in tl.static_range(SEGMENT - 1, -1, -1):
                 if s + i < L:
+                    out_ok = cols < WIDTHS[s + i + 1]
                     _, dz = apply_act_bwd(zs[i].to(tl.float32), g, ACTS[s + i])
-                    dz = tl.where((cols < WIDTHS[s + i + 1])[None, :], dz, 0.0)
+                    dz = tl.where(out_ok[None, :], dz, 0.0)
                     # fire-and-forget reductions into this program's own slice (no load to wait
-                    # for; one thread owns each element, so the order of its additions is fixed)
+                    # for; one thread owns each element, so the order of its additions is fixed),
                     # only the layer's own [out, in] corner: padding would add zeros (and at
                     # 64-row blocks the partials' volume, not their math, is what these cost)
-                    out_ok = cols < WIDTHS[s + i + 1]
                     tl.atomic_add(db_ptr + (s + i) * P, tl.sum(dz, axis=0), mask=out_ok, sem="relaxed")
                     dz = to_storage(dz, dtype)
                     a = _hidden(zs[i - 1], ACTS[s + i - 1], WIDTHS[s + i], cols, dtype) if i > 0 else seg_in
