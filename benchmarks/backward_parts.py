@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.testing
 
-from fusedmlp.bench.presets import get_preset
-from fusedmlp.kernels import gated_act, gemm_act, gemm_act_bwd
+from fusedmlp.cases.presets import get_preset
+from fusedmlp.kernels import gemm_act, gemm_act_bwd, pointwise
 
 
 def t(fn):
@@ -58,7 +58,7 @@ def parts(name):
         dh = dy @ w_out
         dpre = torch.empty_like(pre)
         hh = torch.empty_like(dh)
-        gated_act.act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], hh)
+        pointwise.gated_act_backward(dh, pre[:, :H], pre[:, H:], act, dpre[:, :H], dpre[:, H:], hh)
 
     rows["bwd dh cuBLAS + pointwise act'"] = t(split)
     rows["bwd dh = dy W_out (cuBLAS)"] = t(lambda: dy @ w_out)

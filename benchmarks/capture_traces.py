@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fusedmlp.bench.presets import PRESETS
+from fusedmlp.cases.presets import PRESETS
+from fusedmlp.cases.timing import measure_peaks
 from fusedmlp.profiler import analyze, show
-from fusedmlp.profiler.run import build_variants, measure_peaks, profile_variant, run_metadata
+from fusedmlp.profiler.run import build_variants, profile_variant, run_metadata
 from fusedmlp.profiler.trace import load
 
 MAX_BYTES = 1_000_000

@@ -1,7 +1,7 @@
 """Sweep launch configs of the backward GEMM with act' in its epilogue (kernels/gemm_act_bwd.py).
 
 Run on the GPU: PYTHONPATH=src python3 benchmarks/gemm_bwd_sweep.py --out $OUT
-Per preset (--presets): the baseline (cuBLAS dh = dy @ W_out, then gated_act.act_backward writing
+Per preset (--presets): the baseline (cuBLAS dh = dy @ W_out, then pointwise.gated_act_backward writing
 d(gate|up) and h), cuBLAS dh alone (the GEMM floor), then every candidate config of the fused
 kernel launched directly (no autotuning), checked against the baseline and timed (do_bench
 median). llama3-8b runs the best geglu configs plus a few large tiles. A time budget
@@ -29,11 +29,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fusedmlp.activations import Activation
-from fusedmlp.bench.presets import get_preset
-from fusedmlp.kernels import gated_act
+from fusedmlp.cases.presets import get_preset
 from fusedmlp.kernels import gemm_act_bwd as gb
-from fusedmlp.kernels.common import descriptor, tile_grid, tma_ok
-from fusedmlp.kernels.gemm_act import _SMEM_BYTES, _cfg, m_bucket, smem_bytes
+from fusedmlp.kernels import pointwise
+from fusedmlp.kernels.gemm import SMEM_PIPELINE_BUDGET, descriptor, m_bucket, smem_bytes, tile_grid, tma_ok
+from fusedmlp.kernels.gemm import config as _cfg
 
 TOL = 2e-2  # max |fused - baseline| / max |baseline| above this marks a config wrong
 Cfg = triton.Config
@@ -47,7 +47,7 @@ BIG_PIPES = ((64, 3), (64, 4), (64, 5), (128, 3), (32, 5))  # (BLOCK_K, stages);
 
 
 def fits(c: Cfg) -> bool:
-    return smem_bytes(c, 2, gated=False) <= _SMEM_BYTES  # what gemm_act_bwd._prune keeps (bf16)
+    return smem_bytes(c, 2, b_tiles=1) <= SMEM_PIPELINE_BUDGET  # what gemm_act_bwd._prune keeps (bf16)
 
 
 def sweep_configs() -> list[Cfg]:
@@ -69,7 +69,7 @@ SMOKE = [_cfg(32, 32, 32, 4, 2, False, group=2), _cfg(32, 64, 32, 4, 2, True), _
 def label(c: Cfg) -> str:
     k = c.kwargs
     tags = ("pers" if k["PERSISTENT"] else "grid") + (" WS" if k["WARP_SPEC"] else "")
-    star = " *" if any(str(c) == str(d) for d in gb._CONFIGS) else ""  # * = in the kernel's list
+    star = " *" if any(str(c) == str(d) for d in gb.CONFIGS) else ""  # * = in the kernel's list
     tile = f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}"
     return f"{tile} w{c.num_warps} s{c.num_stages} g{k['GROUP_M']} {tags}{star}"
 
@@ -92,7 +92,7 @@ def launcher(dy, w_out, pre, dpre, h, act: Activation, store_h: bool, use_tma: b
         return (min(tiles, 4) if c["PERSISTENT"] else tiles,)
 
     grid = tile_grid(M, N, dy.device) if dy.is_cuda else cpu_grid
-    return lambda cfg: gb._launch(key, grid, args, meta, config=cfg)
+    return lambda cfg: gb.LAUNCHER(key, grid, args, meta, config=cfg)
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -110,7 +110,7 @@ def sweep_preset(shape: tuple, dev: str, dtype: torch.dtype, configs: list[Cfg],
 
     def baseline(h: torch.Tensor | None = ref_h) -> None:
         torch.mm(dy, w_out, out=dh)
-        gated_act.act_backward(dh, pre[:, :H], pre[:, H:], act, ref_dpre[:, :H], ref_dpre[:, H:], h)
+        pointwise.gated_act_backward(dh, pre[:, :H], pre[:, H:], act, ref_dpre[:, :H], ref_dpre[:, H:], h)
 
     res: dict[str, Any] = {"M": M, "D": D, "H": H, "activation": act.value, "dtype": str(dtype)}
     res["gemm_us"] = timer(lambda: torch.mm(dy, w_out, out=dh))

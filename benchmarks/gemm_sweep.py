@@ -13,6 +13,7 @@ import triton
 import triton.testing
 
 from fusedmlp.activations import Activation
+from fusedmlp.kernels import gemm
 from fusedmlp.kernels import gemm_act as g
 
 SHAPES = {  # name: (M, K, N, gated, bias)
@@ -36,32 +37,33 @@ def candidates(M: int, gated: bool) -> list[tuple[triton.Config, bool]]:
     """(config, use TMA) pairs: the v1 winners and the ideas of this round (docs/perf-notes.md)."""
     if M <= 64:
         tiles = ((32, 256, 4), (64, 256, 3), (64, 128, 6), (128, 128, 4), (32, 512, 2), (16, 512, 2))
-        return [(g._cfg(16, bn, bk, 4, st, False, 1), tma) for bn, bk, st in tiles for tma in (True, False)]
+        cfgs = [gemm.config(16, bn, bk, 4, st, False, 1) for bn, bk, st in tiles]
+        return [(c, tma) for c in cfgs for tma in (True, False)]
     cfgs = [
-        g._cfg(128, 128, 64, 8, 3, False),
-        g._cfg(128, 128, 64, 8, 3, False, group=4),
-        g._cfg(128, 128, 64, 8, 3, False, group=16),
-        g._cfg(128, 128, 128, 8, 2, False),
-        g._cfg(128, 128, 64, 8, 4, False, ws=True),
-        g._cfg(128, 128, 64, 8, 3, False, ws=True),
-        g._cfg(256, 64, 64, 8, 3, False),
-        g._cfg(64, 128, 64, 4, 4, False),
-        g._cfg(64, 256, 64, 8, 3, False),
+        gemm.config(128, 128, 64, 8, 3, False),
+        gemm.config(128, 128, 64, 8, 3, False, group=4),
+        gemm.config(128, 128, 64, 8, 3, False, group=16),
+        gemm.config(128, 128, 128, 8, 2, False),
+        gemm.config(128, 128, 64, 8, 4, False, ws=True),
+        gemm.config(128, 128, 64, 8, 3, False, ws=True),
+        gemm.config(256, 64, 64, 8, 3, False),
+        gemm.config(64, 128, 64, 4, 4, False),
+        gemm.config(64, 256, 64, 8, 3, False),
     ]
     if not gated:
         cfgs += [
-            g._cfg(128, 256, 64, 8, 3, True),
-            g._cfg(128, 256, 64, 8, 3, False, ws=True),
-            g._cfg(128, 256, 64, 8, 3, True, ws=True),
-            g._cfg(256, 128, 64, 8, 3, True),
+            gemm.config(128, 256, 64, 8, 3, True),
+            gemm.config(128, 256, 64, 8, 3, False, ws=True),
+            gemm.config(128, 256, 64, 8, 3, True, ws=True),
+            gemm.config(256, 128, 64, 8, 3, True),
         ]
     return [(c, tma) for c in cfgs for tma in (True, False)]
 
 
 def _time(x, w, b, act, gated, cfg, tma, ref) -> tuple[float, float | None, str]:
-    orig = g.tma_ok
+    orig = gemm.tma_ok
     if not tma:
-        g.tma_ok = lambda *_: False
+        gemm.tma_ok = lambda *_: False
     try:
         fn = lambda: g.gemm_act(x, w, b, act, gated, config=cfg)
         h, _ = fn()
@@ -70,7 +72,7 @@ def _time(x, w, b, act, gated, cfg, tma, ref) -> tuple[float, float | None, str]
     except Exception as e:  # a sweep reports what does not compile
         return float("inf"), None, f" FAILED {type(e).__name__}: {str(e)[:80]}"
     finally:
-        g.tma_ok = orig
+        gemm.tma_ok = orig
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import torch
 import triton
 
 from fusedmlp.activations import Activation
-from fusedmlp.bench.timing import median_us
+from fusedmlp.cases.timing import median_us
 from fusedmlp.kernels import narrow_mlp as shipped
 
 KERNEL_PATH = "src/fusedmlp/kernels/narrow_mlp.py"

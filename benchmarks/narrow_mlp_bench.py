@@ -31,7 +31,7 @@ from torch import nn
 import fusedmlp
 from fusedmlp import FusedSequentialMLP, functional
 from fusedmlp.activations import Activation
-from fusedmlp.bench.timing import median_us
+from fusedmlp.cases.timing import median_us
 from fusedmlp.kernels import narrow_mlp as kernels
 from fusedmlp.numerics import check_contract
 

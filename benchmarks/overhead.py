@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fusedmlp import FusedGatedMLP, FusedSequentialMLP, functional, ops
 from fusedmlp.activations import Activation
+from fusedmlp.kernels import gemm
 from fusedmlp.kernels import gemm_act as g
 from fusedmlp.reference import GatedMLP
 
@@ -48,12 +49,12 @@ def run(M):
         fused = FusedGatedMLP.from_module(eager)
         x = torch.randn(M, fused.hidden_size, device="cuda", dtype=torch.bfloat16)
         w, wo = fused.in_weight, fused.out_weight
-        cfg = g._prune(g._PREFILL + g._DECODE, {"M_BUCKET": g.m_bucket(M), "h_ptr": x}, GATED=True)[0]
+        cfg = g.prune_configs(g.CONFIGS, {"M_BUCKET": gemm.m_bucket(M), "h_ptr": x}, GATED=True)[0]
         cases = {
             "F.linear (cuBLAS) alone": lambda: F.linear(x, w),
             "gemm_act, fixed config": lambda: g.gemm_act(x, w, None, Activation.SILU, True, config=cfg),
             "gemm_act, autotuned": lambda: g.gemm_act(x, w, None, Activation.SILU, True),
-            "ops.mlp": lambda: ops.mlp(x, w, None, wo, None, "silu", True, False),
+            "ops.mlp": lambda: ops.mlp(x, w, None, wo, None, "silu", True, "activation", True),
             "functional.gated_mlp": lambda: functional.gated_mlp(x, w, None, wo, None, "silu"),
             "FusedGatedMLP forward": lambda: fused(x),
             "eager GatedMLP forward": lambda: eager(x),
@@ -71,7 +72,7 @@ def run(M):
 
 
 def run_narrow(M):
-    from fusedmlp.bench.presets import get_preset
+    from fusedmlp.cases.presets import get_preset
     from fusedmlp.kernels import narrow_mlp as k
 
     p = get_preset("narrow-mlp")

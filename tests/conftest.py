@@ -9,14 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fusedmlp import options
 from fusedmlp.numerics import check_contract
 
-try:
-    from fusedmlp.kernels import common
-
-    common.AUTOTUNE = False  # the benchmark tunes; tests would tune every odd shape they try
-except ImportError:
-    pass
+options.configure(autotune=False)  # the benchmark tunes; tests would tune every odd shape they try
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fusedmlp.bench.presets import PRESETS
+from fusedmlp.cases.presets import PRESETS
 from fusedmlp.profiler.analyze import preset_to_dict
 
 NVJET = "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fusedmlp.bench import report
-from fusedmlp.bench.presets import PRESETS, get_preset
+from fusedmlp.cases.presets import PRESETS, get_preset
 from fusedmlp.cli import main
 
 
@@ -36,7 +36,7 @@ def test_profile_cli_on_cpu(capsys):
 def test_report_rendering(tmp_path):
     record = {
         "env": {"gpu": "X", "torch": torch.__version__, "triton": "t", "commit": "c", "date": "d"},
-        "peaks": {"matmul_tflops": 700.0, "copy_gbps": 3000.0},
+        "peaks": {"tflops": 700.0, "gbps": 3000.0},
         "cases": [
             {
                 "preset": "geglu-article",

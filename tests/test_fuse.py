@@ -14,7 +14,7 @@ from torch import nn
 
 import fusedmlp
 from fusedmlp import FusedGatedMLP, FusedLinearAct, FusedMLP
-from fusedmlp.bench import hf_models  # imports transformers only when called
+from fusedmlp.cases import hf_models  # imports transformers only when called
 from fusedmlp.cli import main
 from fusedmlp.numerics import state_dict_equal
 

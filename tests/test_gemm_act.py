@@ -9,7 +9,7 @@ from fusedmlp import ops, reference
 from fusedmlp.activations import Activation
 
 gemm = pytest.importorskip("fusedmlp.kernels.gemm_act")
-common = pytest.importorskip("fusedmlp.kernels.common")
+common = pytest.importorskip("fusedmlp.kernels.gemm")
 
 
 # The fused GEMMs serve bf16 and fp16; fp32 goes through cuBLAS (ops._fused_gemm_ok says why).
@@ -77,11 +77,11 @@ def test_mlp_opcheck(gated):
     w_in = torch.randn(2 * H if gated else H, D, device=DEVICE, requires_grad=True)
     b_in = torch.randn(w_in.shape[0], device=DEVICE, requires_grad=True)
     w_out = torch.randn(D, H, device=DEVICE, requires_grad=True)
-    for mode in ("none", "activation", "gemm"):
-        torch.library.opcheck(ops.mlp, (x, w_in, b_in, w_out, None, "gelu_tanh", gated, mode))
+    for level in ("none", "activation", "gemm"):
+        torch.library.opcheck(ops.mlp, (x, w_in, b_in, w_out, None, "gelu_tanh", gated, level, False))
     # inference saves nothing for a backward: checked without gradients
     args = [t.detach() for t in (x, w_in, b_in, w_out)]
-    torch.library.opcheck(ops.mlp, (*args[:3], args[3], None, "gelu_tanh", gated, "inference"))
+    torch.library.opcheck(ops.mlp, (*args[:3], args[3], None, "gelu_tanh", gated, "activation", True))
 
 
 bwd = pytest.importorskip("fusedmlp.kernels.gemm_act_bwd")

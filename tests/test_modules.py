@@ -290,16 +290,17 @@ def test_every_recompute_mode_meets_the_contract(cls, eager_cls, recompute, dtyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_recompute_in_column_blocks_meets_the_contract(cls, eager_cls, dtype, monkeypatch):
     """Recompute.GEMM's backward over blocks of hidden columns (25, 25, 25, 22 of H = 97)."""
-    from fusedmlp import ops
+    from fusedmlp import options
+    from fusedmlp.ops import fused_mlp as mlp_ops
 
-    monkeypatch.setattr(ops, "GEMM_RECOMPUTE_MIN_WIDTH", 16)
     calls = []
-    blocks = ops._backward_recompute_blocks
-    monkeypatch.setattr(ops, "_backward_recompute_blocks", lambda *a: calls.append(1) or blocks(*a))
+    blocks = mlp_ops._backward_recompute_blocks
+    monkeypatch.setattr(mlp_ops, "_backward_recompute_blocks", lambda *a: calls.append(1) or blocks(*a))
     eager = eager_cls(43, 97, "gelu_tanh", bias=True, device=DEVICE, dtype=dtype)
     fused = cls.from_module(eager, recompute="gemm")
     x = torch.randn(2, 7, 86, device=DEVICE).to(dtype)[..., ::2]  # non-contiguous
-    check_module_contract(eager, fused, x)
+    with options.override(recompute_block_width=16):
+        check_module_contract(eager, fused, x)
     assert calls, "the blocked backward did not run"
 
 
@@ -309,11 +310,11 @@ def test_unknown_recompute_mode():
 
 
 @pytest.mark.parametrize("recompute", ["none", "activation", "gemm"])
-def test_fused_backward_gemm_path_meets_the_contract(recompute, monkeypatch):
+def test_fused_backward_gemm_path_meets_the_contract(recompute):
     """The backward GEMM with the activation derivative in its epilogue (off by default)."""
-    from fusedmlp import ops
+    from fusedmlp import options
 
-    monkeypatch.setattr(ops, "FUSED_BACKWARD_GEMM", True)
     eager = GatedMLP(43, 97, "silu", bias=True, device=DEVICE, dtype=torch.bfloat16)
     fused = FusedGatedMLP.from_module(eager, recompute=recompute)
-    check_module_contract(eager, fused, torch.randn(2, 5, 43, device=DEVICE).to(torch.bfloat16))
+    with options.override(fused_backward_gemm=True):
+        check_module_contract(eager, fused, torch.randn(2, 5, 43, device=DEVICE).to(torch.bfloat16))

@@ -8,7 +8,7 @@ from conftest import DEVICE, DTYPES, assert_contract
 from torch import nn
 
 import fusedmlp.functional as FF
-from fusedmlp import FusedSequentialMLP, can_fuse_sequential, ops
+from fusedmlp import FusedSequentialMLP, can_fuse_sequential, ops, sequential_unsupported_reason
 from fusedmlp.numerics import state_dict_equal
 
 _ACT_MODULES = {
@@ -175,14 +175,14 @@ def test_inference_cache_follows_parameter_updates():
     ],
 )
 def test_unsupported_stacks(seq, match):
-    assert can_fuse_sequential(seq) is not None
+    assert sequential_unsupported_reason(seq) is not None and not can_fuse_sequential(seq)
     with pytest.raises(ValueError, match=match):
         FusedSequentialMLP.from_module(seq)
 
 
 def test_bad_input():
     seq = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    assert can_fuse_sequential(seq) is None
+    assert sequential_unsupported_reason(seq) is None and can_fuse_sequential(seq)
     fused = FusedSequentialMLP.from_module(seq)
     for grad_mode in (True, False):  # training packs per call; inference checks x against the cache
         with torch.set_grad_enabled(grad_mode):
@@ -308,7 +308,7 @@ def test_deep_wide_stack_backward_falls_back_to_torch(monkeypatch):
     reference (the forward still runs the kernel) and the gradients still meet the contract."""
     from fusedmlp.kernels import narrow_mlp as kernels
 
-    monkeypatch.setattr(kernels, "_SMEM_LIMIT", kernels.backward_smem_bytes(32, torch.bfloat16, 3) - 1)
+    monkeypatch.setattr(kernels, "SMEM_PER_PROGRAM", kernels.backward_smem_bytes(32, torch.bfloat16, 3) - 1)
     calls = []
     real = kernels.narrow_mlp_backward
     monkeypatch.setattr(kernels, "narrow_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))

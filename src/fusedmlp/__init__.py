@@ -1,6 +1,11 @@
-"""fusedmlp: fused Triton MLP blocks for PyTorch, and the profiler that shows what fusion changed."""
+"""fusedmlp: fused Triton MLP blocks for PyTorch, and the profiler that shows what fusion changed.
 
-from . import functional, ops
+Layers (each imports only the ones listed before it; docs/design.md has the map):
+activations, options, families, reference, numerics -> kernels -> ops -> functional -> modules
+-> fuse -> cases, bench, profiler, cli.
+"""
+
+from . import functional, ops, options
 from .activations import Activation
 from .fuse import FoldReport, FuseReport, fold, fuse, unfuse
 from .modules import (
@@ -10,8 +15,9 @@ from .modules import (
     FusedSequentialMLP,
     StateLayout,
     can_fuse_sequential,
+    sequential_unsupported_reason,
 )
-from .ops import Recompute
+from .options import KernelOptions, Recompute
 
 __version__ = "0.1.0"
 
@@ -23,6 +29,7 @@ __all__ = [
     "FusedLinearAct",
     "FusedMLP",
     "FusedSequentialMLP",
+    "KernelOptions",
     "Recompute",
     "StateLayout",
     "can_fuse_sequential",
@@ -30,5 +37,7 @@ __all__ = [
     "functional",
     "fuse",
     "ops",
+    "options",
+    "sequential_unsupported_reason",
     "unfuse",
 ]

@@ -1,53 +1,171 @@
-"""Activations: their names, Hugging Face aliases, and forward and derivative in plain torch.
+"""The activation registry: every activation fusedmlp implements, in ONE table.
 
-This is the single source of truth for what an activation name means. The Triton kernels
-implement the same functions (``kernels/activation.py``) and are tested against these.
+Each entry (:class:`ActivationSpec`) holds what the rest of the library needs to know about an
+activation: its canonical name and aliases (Hugging Face's ``hidden_act`` names among them), its
+forward and derivative in plain torch (the reference every kernel is tested against), the torch
+modules and functions that compute it and the Hugging Face activation classes that do. The
+Triton side is a pair of device functions per activation in ``kernels/epilogue.py``, selected
+by :attr:`Activation.code`.
+
+Adding an activation: one ``ActivationSpec`` below, one member of :class:`Activation`, and its
+Triton pair in ``kernels/epilogue.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+Fn = Callable[[Tensor], Tensor]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+GELU_TANH_COEF = 0.044715
+
+
+def _silu_d(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _gelu_d(x: Tensor) -> Tensor:
+    return 0.5 * (1 + torch.erf(x * _INV_SQRT_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _gelu_tanh_d(x: Tensor) -> Tensor:
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + GELU_TANH_COEF * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_COEF * x * x)
+
+
+def _sigmoid_d(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """Everything known about one activation.
+
+    ``modules``: torch module types that compute it, each with a predicate on the instance (nn.GELU
+    is the erf or the tanh form depending on its ``approximate``); matched by exact type, since a
+    subclass may override forward. ``hf_classes``: names of Hugging Face activation classes that
+    compute it (matched by name, so transformers need not be imported).
+    """
+
+    name: str
+    fn: Fn
+    derivative: Fn
+    aliases: tuple[str, ...] = ()
+    modules: tuple[tuple[type[nn.Module], Callable[[nn.Module], bool]], ...] = ()
+    functions: tuple[Callable[..., Tensor], ...] = ()
+    hf_classes: tuple[str, ...] = ()
+
+
+_ALWAYS: Callable[[nn.Module], bool] = lambda _m: True
+
+SPECS: tuple[ActivationSpec, ...] = (
+    ActivationSpec(
+        "silu",
+        F.silu,
+        _silu_d,
+        aliases=("swish",),
+        modules=((nn.SiLU, _ALWAYS),),
+        functions=(F.silu,),
+        hf_classes=("SiLUActivation",),
+    ),
+    ActivationSpec(
+        "gelu",  # exact (erf) form
+        F.gelu,
+        _gelu_d,
+        modules=((nn.GELU, lambda m: m.approximate == "none"),),
+        functions=(F.gelu,),
+        hf_classes=("GELUActivation",),
+    ),
+    ActivationSpec(
+        "gelu_tanh",
+        lambda x: F.gelu(x, approximate="tanh"),
+        _gelu_tanh_d,
+        aliases=("gelu_pytorch_tanh", "gelu_new"),
+        modules=((nn.GELU, lambda m: m.approximate == "tanh"),),
+        # FastGELU is the tanh form with x*(1 + c*x^2) factored
+        hf_classes=("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"),
+    ),
+    ActivationSpec(
+        "relu",
+        F.relu,
+        lambda x: (x > 0).to(x.dtype),
+        modules=((nn.ReLU, _ALWAYS),),
+        functions=(F.relu, torch.relu),
+    ),
+    ActivationSpec(
+        "relu2",  # squared ReLU (Primer, Nemotron)
+        lambda x: F.relu(x).square(),
+        lambda x: 2 * F.relu(x),
+        aliases=("relu_squared",),
+        hf_classes=("ReLUSquaredActivation",),
+    ),
+    ActivationSpec(
+        "sigmoid",  # GLU when gated
+        torch.sigmoid,
+        _sigmoid_d,
+        modules=((nn.Sigmoid, _ALWAYS),),
+        functions=(torch.sigmoid, F.sigmoid),
+    ),
+    ActivationSpec(
+        "identity",  # bilinear when gated; a plain affine layer in narrow stacks
+        lambda x: x,
+        torch.ones_like,
+        aliases=("none", "linear"),
+        modules=((nn.Identity, _ALWAYS),),
+    ),
+)
+_BY_NAME = {s.name: s for s in SPECS}
 
 
 class Activation(enum.Enum):
-    """The activations fusedmlp implements. The value is the canonical name."""
+    """The activations fusedmlp implements. The value is the canonical name; the rest of what is
+    known about each is its :attr:`spec`."""
 
     SILU = "silu"
-    GELU = "gelu"  # exact (erf) form
+    GELU = "gelu"
     GELU_TANH = "gelu_tanh"
     RELU = "relu"
-    RELU2 = "relu2"  # squared ReLU (Primer, Nemotron)
-    SIGMOID = "sigmoid"  # GLU when gated
-    IDENTITY = "identity"  # bilinear when gated; a plain affine layer in narrow stacks
+    RELU2 = "relu2"
+    SIGMOID = "sigmoid"
+    IDENTITY = "identity"
+
+    @property
+    def spec(self) -> ActivationSpec:
+        return _BY_NAME[self.value]
 
     @property
     def code(self) -> int:
-        """Stable integer id, passed to the Triton kernels as a constexpr."""
+        """Stable integer id: the constexpr that selects the Triton pair in kernels/epilogue.py."""
         return _CODES[self]
 
     def __call__(self, x: Tensor) -> Tensor:
-        return act_forward(self, x)
+        """act(x), computed by torch in x's dtype."""
+        return self.spec.fn(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """d act(x) / dx, computed by torch in x's dtype (run it in float64 for a reference)."""
+        return self.spec.derivative(x)
 
 
 _CODES = {a: i for i, a in enumerate(Activation)}
-
-ALIASES: dict[str, Activation] = {
-    "swish": Activation.SILU,
-    "gelu_pytorch_tanh": Activation.GELU_TANH,
-    "gelu_new": Activation.GELU_TANH,
-    "relu_squared": Activation.RELU2,
-    "none": Activation.IDENTITY,
-    "linear": Activation.IDENTITY,
-}
+assert set(_BY_NAME) == {a.value for a in Activation}, "every Activation needs exactly one spec"
+_ALIASES = {alias: Activation(s.name) for s in SPECS for alias in s.aliases}
 
 
 def known_names() -> list[str]:
-    return sorted([a.value for a in Activation] + list(ALIASES))
+    return sorted([a.value for a in Activation] + list(_ALIASES))
 
 
 def resolve(activation: str | Activation) -> Activation:
@@ -59,81 +177,13 @@ def resolve(activation: str | Activation) -> Activation:
         return activation
     if isinstance(activation, str):
         key = activation.strip().lower()
-        if key in ALIASES:
-            return ALIASES[key]
+        if key in _ALIASES:
+            return _ALIASES[key]
         try:
             return Activation(key)
         except ValueError:
             pass
     raise ValueError(f"unknown activation {activation!r}; known activations: {', '.join(known_names())}")
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-GELU_TANH_COEF = 0.044715
-
-
-def act_forward(activation: str | Activation, x: Tensor) -> Tensor:
-    """act(x) computed by torch, in x's dtype."""
-    a = resolve(activation)
-    if a is Activation.SILU:
-        return F.silu(x)
-    if a is Activation.GELU:
-        return F.gelu(x)
-    if a is Activation.GELU_TANH:
-        return F.gelu(x, approximate="tanh")
-    if a is Activation.RELU:
-        return F.relu(x)
-    if a is Activation.RELU2:
-        return F.relu(x).square()
-    if a is Activation.SIGMOID:
-        return torch.sigmoid(x)
-    return x
-
-
-def act_derivative(activation: str | Activation, x: Tensor) -> Tensor:
-    """d act(x) / dx computed by torch, in x's dtype (compute in float64 for a reference)."""
-    a = resolve(activation)
-    if a is Activation.SILU:
-        s = torch.sigmoid(x)
-        return s * (1 + x * (1 - s))
-    if a is Activation.GELU:
-        cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
-        return cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    if a is Activation.GELU_TANH:
-        t = torch.tanh(_SQRT_2_OVER_PI * (x + GELU_TANH_COEF * x**3))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_COEF * x * x)
-    if a is Activation.RELU:
-        return (x > 0).to(x.dtype)
-    if a is Activation.RELU2:
-        return 2 * F.relu(x)
-    if a is Activation.SIGMOID:
-        s = torch.sigmoid(x)
-        return s * (1 - s)
-    return torch.ones_like(x)
-
-
-# Hugging Face activation classes, matched by name so that transformers need not be imported.
-# Each computes exactly the function named (FastGELU is the tanh form with x*(1 + c*x^2) factored).
-_HF_CLASSES = {
-    "SiLUActivation": Activation.SILU,
-    "GELUActivation": Activation.GELU,
-    "NewGELUActivation": Activation.GELU_TANH,
-    "GELUTanh": Activation.GELU_TANH,
-    "PytorchGELUTanh": Activation.GELU_TANH,
-    "FastGELUActivation": Activation.GELU_TANH,
-    "ReLUSquaredActivation": Activation.RELU2,
-}
-
-_FUNCTIONS = {
-    F.silu: Activation.SILU,
-    F.relu: Activation.RELU,
-    torch.relu: Activation.RELU,
-    torch.sigmoid: Activation.SIGMOID,
-    F.sigmoid: Activation.SIGMOID,
-    F.gelu: Activation.GELU,
-}
 
 
 def activation_of(obj: object) -> Activation | None:
@@ -144,20 +194,20 @@ def activation_of(obj: object) -> Activation | None:
             return resolve(obj)
         except ValueError:
             return None
-    if isinstance(obj, torch.nn.SiLU):
-        return Activation.SILU
-    if isinstance(obj, torch.nn.GELU):
-        return Activation.GELU if obj.approximate == "none" else Activation.GELU_TANH
-    if isinstance(obj, torch.nn.ReLU):
-        return Activation.RELU
-    if isinstance(obj, torch.nn.Sigmoid):
-        return Activation.SIGMOID
-    if isinstance(obj, torch.nn.Identity):
-        return Activation.IDENTITY
-    name = type(obj).__name__
-    if name in _HF_CLASSES:
-        return _HF_CLASSES[name]
-    try:
-        return _FUNCTIONS.get(obj)  # type: ignore[call-overload]
-    except TypeError:  # unhashable
-        return None
+    for spec in SPECS:
+        if isinstance(obj, nn.Module):
+            if any(type(obj) is t and pred(obj) for t, pred in spec.modules):
+                return Activation(spec.name)
+            if type(obj).__name__ in spec.hf_classes:
+                return Activation(spec.name)
+        elif any(obj is f for f in spec.functions):
+            return Activation(spec.name)
+    return None
+
+
+def module_for(activation: Activation) -> nn.Module | None:
+    """A torch module computing ``activation`` (what users put in nn.Sequential), or None."""
+    if activation is Activation.GELU_TANH:
+        return nn.GELU(approximate="tanh")
+    types = [t for t, _ in activation.spec.modules]
+    return types[0]() if types else None

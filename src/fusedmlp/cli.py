@@ -8,12 +8,9 @@ import sys
 import torch
 from rich.console import Console
 
-from .bench.presets import PRESETS
+from .cases.presets import PRESETS
+from .cases.variants import ALL_VARIANTS, BENCH_VARIANTS, PROFILE_VARIANTS
 
-_BENCH_VARIANTS = (
-    "floor", "eager", "eager-merged", "compile", "compile-max-autotune", "liger", "fusedmlp",
-    "fusedmlp-none", "fusedmlp-gemm",
-)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -34,17 +31,19 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     from .bench import report, run
-    from .bench.presets import PRESET_TOKENS, get_preset
+    from .cases.presets import PRESET_TOKENS, get_preset
+    from .cases.timing import measure_peaks
 
     if not torch.cuda.is_available():
         console.print("[red]fusedmlp bench needs a CUDA GPU[/red] (use `fusedmlp profile` on a CPU)")
         return 2
-    variants = tuple(args.variants.split(",")) if args.variants else run.DEFAULT_VARIANTS
+    variants = tuple(args.variants.split(",")) if args.variants else BENCH_VARIANTS
     dtype = _DTYPES[args.dtype or "bf16"]
     names = args.preset or ["geglu-article", "llama3-8b", "llama3-8b-decode", "gpt2"]
-    peaks = run.measure_peaks()
-    console.print(f"peaks: matmul {peaks.matmul_tflops:.0f} TFLOP/s, copy {peaks.copy_gbps:.0f} GB/s")
-    record: dict = {"env": run.environment(), "peaks": vars(peaks), "cases": []}
+    peaks = measure_peaks("cuda")
+    assert peaks is not None
+    console.print(f"peaks: matmul {peaks['tflops']:.0f} TFLOP/s, copy {peaks['gbps']:.0f} GB/s")
+    record: dict = {"env": run.environment(), "peaks": peaks, "cases": []}
     for name in names:
         preset = get_preset(name)
         for m in [args.tokens] if args.tokens else PRESET_TOKENS.get(name, (preset.tokens,)):
@@ -64,8 +63,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
 def _fuse_hf(args: argparse.Namespace, console: Console) -> int:
     """Build a Hugging Face model from a config, fuse it, show the report and the forward times."""
-    from .bench import hf_models
-    from .bench.timing import median_us
+    from .cases import hf_models
+    from .cases.timing import median_us
     from .fuse import fuse
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--bias", action=argparse.BooleanOptionalAction, help="Linear layers with bias")
     prof.add_argument(
         "--variants",
-        default="eager,compile,liger,fusedmlp",
-        help="comma-separated: eager,compile,liger,fusedmlp",
+        default=",".join(PROFILE_VARIANTS),
+        help="comma-separated, from: " + ", ".join(ALL_VARIANTS),
     )
     prof.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
     prof.add_argument("--device", help="default: cuda when available")
@@ -125,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable")
     bench.add_argument("--tokens", type=int)
     bench.add_argument("--dtype", choices=sorted(_DTYPES))
-    bench.add_argument("--variants", help="comma-separated, from: " + ", ".join(_BENCH_VARIANTS))
+    bench.add_argument("--variants", help="comma-separated, from: " + ", ".join(ALL_VARIANTS))
     bench.add_argument("--train", action="store_true", help="also time forward+backward and peak memory")
     bench.add_argument("--out", default="benchmarks/results")
     bench.set_defaults(func=_bench)

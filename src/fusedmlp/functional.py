@@ -12,7 +12,8 @@ from torch import Tensor
 
 from . import ops
 from .activations import Activation, resolve
-from .ops import Recompute, resolve_recompute
+from .kernels import narrow_pack
+from .options import Recompute, resolve_recompute
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -85,7 +86,7 @@ def _run_mlp(
     recompute: str | Recompute,
 ) -> Tensor:
     """Flatten to 2-D, apply autocast's dtype by hand (custom ops are opaque to autocast), run."""
-    mode = resolve_recompute(recompute).value
+    level = resolve_recompute(recompute)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
@@ -94,13 +95,12 @@ def _run_mlp(
     lead = x.shape[:-1]
     x2 = _unit_cols(x.reshape(-1, x.shape[-1]))
     params = (w_in, b_in, w_out, b_out)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))):
-        mode = ops.INFERENCE
+    inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
     w_in, w_out = _unit_cols(w_in), _unit_cols(w_out)
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
-        y = ops.mlp(x2, w_in, b_in, w_out, b_out, act.value, gated, mode)[0]
+        y = ops.mlp(x2, w_in, b_in, w_out, b_out, act.value, gated, level.value, inference)[0]
     else:  # eager: the same implementation through a cheaper autograd.Function
-        y = ops.MLPFunction.apply(x2, w_in, b_in, w_out, b_out, act.value, gated, mode)
+        y = ops.MLPFunction.apply(x2, w_in, b_in, w_out, b_out, act, gated, level, inference)
     return y.view(*lead, w_out.shape[0])
 
 
@@ -114,7 +114,7 @@ def gated_mlp(
     recompute: str | Recompute = "activation",
 ) -> Tensor:
     """y = down(act(gate(x)) * up(x)); gate|up is one [2H, D] weight, gate rows first.
-    ``recompute``: what training saves for the backward (:class:`fusedmlp.ops.Recompute`)."""
+    ``recompute``: what training saves for the backward (:class:`fusedmlp.Recompute`)."""
     act_ = resolve(activation)
     two_h, d = gate_up_weight.shape
     check_inputs(
@@ -146,17 +146,13 @@ def mlp(
     check_inputs(x, d, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
     _check_weight("fc2_weight", fc2_weight, (fc2_weight.shape[0], h))
     return _run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, recompute)
-    return F.linear(ops.act(F.linear(x, fc1_weight, fc1_bias), act_.value), fc2_weight, fc2_bias)
-
-
-NARROW_MAX_WIDTH = 256
 
 
 def pack_narrow_mlp(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-    """Zero-padded [L, P, P] weights and [L, P] biases (zeros for a missing bias), P the next power of
-    two >= 16 of the widest layer. Differentiable: gradients of the packed tensors flow back to
-    each layer's weight and bias."""
-    P = max(16, 1 << (max(max(w.shape) for w in weights) - 1).bit_length())
+    """Zero-padded [L, P, P] weights and [L, P] biases (zeros for a missing bias), P the padded
+    width of the widest layer (kernels/narrow_pack.py). Differentiable: gradients of the packed
+    tensors flow back to each layer's weight and bias."""
+    P = narrow_pack.padded_width([max(w.shape) for w in weights])
     if not torch.compiler.is_compiling():  # eager: one autograd node instead of 2L + 2
         present = [b for b in biases if b is not None]
         return ops.PackNarrowFunction.apply(P, tuple(b is not None for b in biases), *weights, *present)
@@ -193,8 +189,8 @@ def narrow_spec(
     widths = narrow_widths(weights, biases)
     if len(acts) != len(weights):
         raise ValueError(f"need one activation per layer: {len(weights)} layers, {len(acts)} activations")
-    if max(widths) > NARROW_MAX_WIDTH:
-        raise ValueError(f"narrow_mlp needs every width <= {NARROW_MAX_WIDTH}, got widths {widths}")
+    if max(widths) > narrow_pack.MAX_WIDTH:
+        raise ValueError(f"narrow_mlp needs every width <= {narrow_pack.MAX_WIDTH}, got widths {widths}")
     return widths, ",".join(a.value for a in acts)
 
 

@@ -1,4 +1,4 @@
-"""The numerics contract (DESIGN.md), as code that tests, benchmarks and ``fuse`` all apply.
+"""The numerics contract (docs/design.md), as code that tests, benchmarks and ``fuse`` all apply.
 
 A fused result passes when its max and mean absolute error against a float64 reference are at
 most twice those of the same-dtype eager computation, plus a small atol (two roundings of the

@@ -1,8 +1,9 @@
 """Eager references: every fused op written the obvious way in torch, plus the eager modules.
 
 Tests compare the kernels against these (run in float64 for the ground truth), benchmarks use
-the modules as the "eager" variant, and ``ops.py`` falls back to these functions on devices and
-dtypes the Triton kernels do not cover.
+the modules as the "eager" variant, and the ops (ops/) fall back to these functions on devices
+and dtypes the Triton kernels do not cover. Activations are taken resolved
+(:class:`~fusedmlp.activations.Activation`); the modules resolve names.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import Activation, act_derivative, act_forward, resolve
+from .activations import Activation, resolve
 
 
 def split_gate_up(gate_up: Tensor) -> tuple[Tensor, Tensor]:
@@ -19,21 +20,24 @@ def split_gate_up(gate_up: Tensor) -> tuple[Tensor, Tensor]:
     return gate_up.chunk(2, dim=-1)
 
 
-def gated_act(gate: Tensor, up: Tensor, activation: str | Activation) -> Tensor:
+def merge_gate_up(gate: Tensor, up: Tensor) -> Tensor:
+    """The merged [..., 2H] gate|up tensor of its two halves (the inverse of split_gate_up)."""
+    return torch.cat([gate, up], dim=-1)
+
+
+def gated_act(gate: Tensor, up: Tensor, act: Activation) -> Tensor:
     """h = act(gate) * up."""
-    return act_forward(activation, gate) * up
+    return act(gate) * up
 
 
-def gated_act_backward(
-    grad_h: Tensor, gate: Tensor, up: Tensor, activation: str | Activation
-) -> tuple[Tensor, Tensor]:
+def gated_act_backward(grad_h: Tensor, gate: Tensor, up: Tensor, act: Activation) -> tuple[Tensor, Tensor]:
     """(d gate, d up) of h = act(gate) * up."""
-    return grad_h * up * act_derivative(activation, gate), grad_h * act_forward(activation, gate)
+    return grad_h * up * act.derivative(gate), grad_h * act(gate)
 
 
-def act_backward(grad_h: Tensor, x: Tensor, activation: str | Activation) -> Tensor:
+def act_backward(grad_h: Tensor, x: Tensor, act: Activation) -> Tensor:
     """d x of h = act(x)."""
-    return grad_h * act_derivative(activation, x)
+    return grad_h * act.derivative(x)
 
 
 def gated_mlp(
@@ -42,11 +46,11 @@ def gated_mlp(
     gate_up_bias: Tensor | None,
     down_weight: Tensor,
     down_bias: Tensor | None,
-    activation: str | Activation,
+    act: Activation,
 ) -> Tensor:
     """y = down(act(gate(x)) * up(x)) with gate|up stored as one [2H, D] weight (gate rows first)."""
     gate, up = split_gate_up(F.linear(x, gate_up_weight, gate_up_bias))
-    return F.linear(gated_act(gate, up, activation), down_weight, down_bias)
+    return F.linear(gated_act(gate, up, act), down_weight, down_bias)
 
 
 def mlp(
@@ -55,10 +59,10 @@ def mlp(
     fc1_bias: Tensor | None,
     fc2_weight: Tensor,
     fc2_bias: Tensor | None,
-    activation: str | Activation,
+    act: Activation,
 ) -> Tensor:
     """y = fc2(act(fc1(x)))."""
-    return F.linear(act_forward(activation, F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return F.linear(act(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
 
 
 class GatedMLP(nn.Module):
@@ -81,7 +85,7 @@ class GatedMLP(nn.Module):
         self.activation = resolve(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(act_forward(self.activation, self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MLP(nn.Module):
@@ -103,7 +107,7 @@ class MLP(nn.Module):
         self.activation = resolve(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(act_forward(self.activation, self.fc1(x)))
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,18 +119,18 @@ def narrow_mlp(
     x: Tensor,
     weights: list[Tensor],
     biases: list[Tensor | None],
-    activations: list[str | Activation],
+    activations: list[Activation],
 ) -> Tensor:
     """h_l = act_l(h_{l-1} @ W_l^T + b_l) for l = 1..L, from h_0 = x."""
-    for w, b, a in zip(weights, biases, activations, strict=True):
-        x = act_forward(a, F.linear(x, w, b))
+    for w, b, act in zip(weights, biases, activations, strict=True):
+        x = act(F.linear(x, w, b))
     return x
 
 
-def _act_grad(activation: str | Activation, z: Tensor, grad: Tensor) -> Tensor:
-    if resolve(activation) is Activation.RELU:  # as torch's threshold_backward: NaN z passes grad on
+def _act_grad(act: Activation, z: Tensor, grad: Tensor) -> Tensor:
+    if act is Activation.RELU:  # as torch's threshold_backward: NaN z passes grad on
         return torch.where(z <= 0, 0, grad)
-    return grad * act_derivative(activation, z)
+    return grad * act.derivative(z)
 
 
 def narrow_mlp_backward(
@@ -134,13 +138,13 @@ def narrow_mlp_backward(
     x: Tensor,
     weights: list[Tensor],
     biases: list[Tensor | None],
-    activations: list[str | Activation],
+    activations: list[Activation],
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """(dx, [dW_l], [db_l]) of :func:`narrow_mlp` (db_l as if every layer had a bias)."""
     hs, zs = [x], []
     for w, b, a in zip(weights, biases, activations, strict=True):
         zs.append(F.linear(hs[-1], w, b))
-        hs.append(act_forward(a, zs[-1]))
+        hs.append(a(zs[-1]))
     dws: list[Tensor] = []
     dbs: list[Tensor] = []
     for w, z, h, a in reversed(list(zip(weights, zs, hs, activations, strict=False))):

@@ -52,8 +52,8 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
     lines = [
         f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
         f"{env['date']}.",
-        f"Measured peaks in this run: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, "
-        f"device copy {peaks['copy_gbps']:.0f} GB/s.",
+        f"Measured peaks in this run: bf16 matmul {peaks['tflops']:.0f} TFLOP/s, "
+        f"device copy {peaks['gbps']:.0f} GB/s.",
         "",
     ]
     for case in record["cases"]:

@@ -21,14 +21,16 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from ..activations import Activation, activation_of
+from ..families import declared_activations
 from ..modules import (
+    WITH_OUTPUT_DROPOUT,
     FusedGatedMLP,
     FusedLinearAct,
     FusedMLP,
     FusedSequentialMLP,
     StateLayout,
-    _linear_params,
     can_fuse_sequential,
+    linear_params,
 )
 
 
@@ -113,77 +115,32 @@ def _projection(name: str, child: nn.Module) -> Projection | None:
     if not is_proj or not isinstance(getattr(child, "weight", None), Tensor):
         return None
     try:
-        weight, _, _ = _linear_params(child)
+        weight, _, _ = linear_params(child)
     except ValueError:
         return None
     return Projection(name, weight.shape[1], weight.shape[0])
 
 
-# Attributes (not child modules) that may hold an activation: a function such as F.silu, or a name.
-_ACT_ATTR_HINTS = ("act", "activation", "nonlinearity")
-_CONFIG_ACT_ATTRS = ("hidden_act", "hidden_activation", "activation_function")
-
-
 def block_parts(block: nn.Module) -> BlockParts:
     projections = []
-    explicit: list[Activation] = []
     unknown: list[str] = []
     for name, child in block.named_children():
         proj = _projection(name, child)
         if proj is not None:
             projections.append(proj)
-        elif (act := activation_of(child)) is not None:
-            explicit.append(act)
-        elif not isinstance(child, _DropoutNd) and next(iter(child.state_dict()), None) is None:
-            unknown.append(type(child).__name__)
-    for name, value in vars(block).items():
-        if name.startswith("_") or isinstance(value, nn.Module):
-            continue
-        if callable(value) or (isinstance(value, str) and any(h in name.lower() for h in _ACT_ATTR_HINTS)):
-            act = activation_of(value)
-            if act is not None:
-                explicit.append(act)
-    config = getattr(block, "config", None)
-    from_config = [a for attr in _CONFIG_ACT_ATTRS if (a := activation_of(getattr(config, attr, None)))]
+        elif activation_of(child) is None and not isinstance(child, _DropoutNd) and not child.state_dict():
+            unknown.append(type(child).__name__)  # stateless, and not one we can name
+    declared = declared_activations(block)
     # Identity is no activation to fuse, and a Sequential's positional activation is explicit.
-    keep = lambda acts: tuple(a for a in dict.fromkeys(acts) if a is not Activation.IDENTITY)
-    return BlockParts(tuple(projections), keep(explicit), keep(from_config), tuple(unknown))
+    keep = lambda acts: tuple(a for a in acts if a is not Activation.IDENTITY)
+    return BlockParts(tuple(projections), keep(declared.explicit), keep(declared.from_config), tuple(unknown))
 
 
-class _OutputDropout(nn.Module):
-    """Mixin: applies the replaced block's own output dropout (GPT-2's MLP ends in one) after the
-    fused computation, so fusing does not change training. The dropout has no state."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dropout: nn.Module = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(super().forward(x))
-
-
-class FusedGatedMLPWithDropout(_OutputDropout, FusedGatedMLP):
-    pass
-
-
-class FusedMLPWithDropout(_OutputDropout, FusedMLP):
-    pass
-
-
-class FusedLinearActWithDropout(_OutputDropout, FusedLinearAct):
-    pass
-
-
-_WITH_DROPOUT: dict[type[nn.Module], type[nn.Module]] = {
-    FusedGatedMLP: FusedGatedMLPWithDropout,
-    FusedMLP: FusedMLPWithDropout,
-    FusedLinearAct: FusedLinearActWithDropout,
-}
 FUSED_TYPES = (FusedGatedMLP, FusedMLP, FusedLinearAct)
 
 
 def _build(cls: type[nn.Module], block: nn.Module, dropout: nn.Module | None, **kwargs: Any) -> nn.Module:
-    module: nn.Module = (cls if dropout is None else _WITH_DROPOUT[cls]).from_module(block, **kwargs)  # type: ignore[attr-defined]
+    module: nn.Module = (cls if dropout is None else WITH_OUTPUT_DROPOUT[cls]).from_module(block, **kwargs)  # type: ignore[attr-defined]
     if dropout is not None:
         module.dropout = dropout
     return module
@@ -261,7 +218,7 @@ def match_narrow_stack(block: nn.Module, parts: BlockParts) -> list[Candidate]:
     """An nn.Sequential of three or more Linear layers, every width <= 256, with activations
     between them: the whole stack as one FusedSequentialMLP kernel. Two-Linear stacks are left
     to match_plain (FusedMLP)."""
-    if not isinstance(block, nn.Sequential) or len(parts.projections) < 3 or can_fuse_sequential(block):
+    if not isinstance(block, nn.Sequential) or len(parts.projections) < 3 or not can_fuse_sequential(block):
         return []
     act = next(iter(parts.explicit), Activation.IDENTITY)
     return [

@@ -1,13 +1,14 @@
-"""What fuse and fold did, block by block: frozen records that print as rich tables."""
+"""What fuse and fold did, block by block: frozen records that print as rich tables (rich is
+imported when a report is printed, not with the library)."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.table import Table
 
 Shapes = tuple[tuple[int, int], ...]  # (in_features, out_features) per projection
 
@@ -16,11 +17,24 @@ def _shapes(shapes: Shapes) -> str:
     return ", ".join(f"{i}->{o}" for i, o in shapes)
 
 
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
 def _row(table: Table, *cells: str) -> None:
+    from rich.text import Text
+
     table.add_row(*(Text(c) for c in cells))  # Text: reasons hold "[...]", which is rich markup
 
 
 def _render(table: Table) -> str:
+    from rich.console import Console
+
     buf = io.StringIO()
     Console(file=buf, width=140, color_system=None).print(table)
     return buf.getvalue()
@@ -56,9 +70,8 @@ class FuseReport:
 
     def table(self) -> Table:
         verb = "would fuse" if self.dry_run else "fused"
-        table = Table(title=f"fusedmlp.fuse: {len(self.fused)} {verb}, {len(self.skipped)} skipped")
-        for col in ("module", "kind", "activation", "shapes", "result"):
-            table.add_column(col, overflow="fold")
+        title = f"fusedmlp.fuse: {len(self.fused)} {verb}, {len(self.skipped)} skipped"
+        table = _table(title, ("module", "kind", "activation", "shapes", "result"))
         for f in self.fused:
             _row(table, f.path, f.kind, f.activation, _shapes(f.shapes), f"-> {f.replacement}")
         for s in self.skipped:
@@ -94,9 +107,8 @@ class FoldReport:
     skipped: tuple[SkippedRun, ...] = ()
 
     def table(self) -> Table:
-        table = Table(title=f"fusedmlp.fold: {len(self.folded)} folded, {len(self.skipped)} skipped")
-        for col in ("sequential", "layers", "result"):
-            table.add_column(col, overflow="fold")
+        title = f"fusedmlp.fold: {len(self.folded)} folded, {len(self.skipped)} skipped"
+        table = _table(title, ("sequential", "layers", "result"))
         for f in self.folded:
             merged = " + ".join(f"{n}:{t}" for n, t in zip(f.layers, f.types, strict=True))
             _row(table, f.path or "(model)", merged, f"-> Linear {f.shape[0]}->{f.shape[1]}")

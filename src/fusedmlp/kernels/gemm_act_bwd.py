@@ -18,9 +18,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ..activations import Activation
-from .activation import apply_act_bwd
-from .common import Launcher, descriptor, mma, tile_grid, tma_ok, to_storage
-from .gemm_act import _SMEM_BYTES, _cfg, _tile_coords, m_bucket, smem_bytes
+from . import gemm
+from .epilogue import act_and_grad
+from .gemm import mainloop, tile_coords
+from .profile import KernelProfile
+from .runtime import dot_precision, to_storage
 
 
 @triton.jit
@@ -39,32 +41,14 @@ def _gemm_act_bwd_kernel(
     PERSISTENT: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    rk = tl.arange(0, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
-        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if not USE_TMA:
-            # out-of-range rows/columns clamped to 0: full-width loads, results never stored
-            rm = off_m + tl.arange(0, BLOCK_M)
-            rn = off_n + tl.arange(0, BLOCK_N)
-            rm = tl.where(rm < M, rm, 0).to(tl.int64)
-            rn = tl.where(rn < N, rn, 0)
-            a_ptrs = dy + rm[:, None] * stride_dym + rk[None, :]
-            b_ptrs = w + rk[:, None].to(tl.int64) * stride_wk + rn[None, :]
-        for kt in tl.range(k_tiles, warp_specialize=WARP_SPEC):
-            k0 = kt * BLOCK_K
-            if USE_TMA:
-                a = dy.load([off_m, k0])
-                b = w.load([k0, off_n])
-            else:
-                a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
-                b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * stride_wk
-            acc = mma(a, b, acc, DOT_PRECISION)
+        acc, _ = mainloop(
+            dy, w, off_m, off_n, M, N, K, stride_dym, stride_wk, 0,
+            USE_TMA, True, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPEC,
+        )
 
         # epilogue: dh (in acc) meets the saved pre-activation of this tile
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -78,32 +62,37 @@ def _gemm_act_bwd_kernel(
         g = tl.load(pre, mask=mask, other=0.0).to(tl.float32)
         if GATED:
             u = tl.load(pre + N, mask=mask, other=0.0).to(tl.float32)
-            a, dg = apply_act_bwd(g, acc * u, ACT)
+            a, dg = act_and_grad(g, acc * u, ACT)
             tl.store(dpre + N, to_storage(acc * a, dpre_ptr.dtype.element_ty), mask=mask)
             if STORE_H:
                 tl.store(h_out, to_storage(a * u, h_ptr.dtype.element_ty), mask=mask)
         else:
-            a, dg = apply_act_bwd(g, acc, ACT)
+            a, dg = act_and_grad(g, acc, ACT)
             if STORE_H:
                 tl.store(h_out, to_storage(a, h_ptr.dtype.element_ty), mask=mask)
         tl.store(dpre, to_storage(dg, dpre_ptr.dtype.element_ty), mask=mask)
 
 
+PROFILES = [
+    KernelProfile("_gemm_act_bwd_kernel", "backward GEMM with activation-derivative epilogue", gemm=True)
+]
+cfg = gemm.config
+
 # One fp32 accumulator per tile plus an epilogue that reads 2 and writes 2-3 tiles: the forward's
 # 128x128x64 / 8 warps shape, and a 128x256 tile for more reuse of each dy tile.
-_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3, False),
-    _cfg(128, 128, 64, 8, 4, False),
-    _cfg(128, 256, 64, 8, 3, False),
-    _cfg(128, 128, 64, 8, 3, True),
-    _cfg(64, 128, 64, 4, 4, False),
+CONFIGS = [
+    cfg(128, 128, 64, 8, 3, False),
+    cfg(128, 128, 64, 8, 4, False),
+    cfg(128, 256, 64, 8, 3, False),
+    cfg(128, 128, 64, 8, 3, True),
+    cfg(64, 128, 64, 4, 4, False),
 ]
-_SMALL = _cfg(32, 64, 64, 4, 3, False, group=1)  # M <= 64
+_SMALL = cfg(32, 64, 64, 4, 3, False, group=1)  # M <= 64
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     elem = named_args["h_ptr"].element_size()
-    keep = [c for c in configs if smem_bytes(c, elem, gated=False) <= _SMEM_BYTES]
+    keep = gemm.fits(configs, elem, b_tiles=1)
     return (keep if named_args["M_BUCKET"] > 64 else [_SMALL]) or [_SMALL]
 
 
@@ -113,9 +102,9 @@ def _set_blocks(nargs: dict) -> None:
         nargs["w"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
-_launch = Launcher(
+LAUNCHER = gemm.Launcher(
     _gemm_act_bwd_kernel,
-    [*_CONFIGS, _SMALL],
+    [*CONFIGS, _SMALL],
     key=["M_BUCKET", "N", "K", "GATED", "STORE_H", "USE_TMA"],
     prune=_prune,
     set_blocks=_set_blocks,
@@ -148,19 +137,20 @@ def gemm_act_backward(
     for name, t in (("dy", dy), ("w_out", w_out), ("pre", pre), ("dpre", dpre)):
         if t.stride(1) != 1 and t.shape[1] > 1:
             raise ValueError(f"{name} needs unit-stride columns")
-    use_tma = M > 64 and tma_ok(dy, w_out)
+    use_tma = M > 64 and gemm.tma_ok(dy, w_out)
     hh = h if h is not None else dpre
     args = (
-        descriptor(dy) if use_tma else dy, descriptor(w_out) if use_tma else w_out, pre, dpre, hh,
-        M, N, K, m_bucket(M),
+        gemm.descriptor(dy) if use_tma else dy, gemm.descriptor(w_out) if use_tma else w_out, pre, dpre, hh,
+        M, N, K, gemm.m_bucket(M),
         dy.stride(0), w_out.stride(0), pre.stride(0), dpre.stride(0), hh.stride(0),
     )
-    ieee = dy.dtype == torch.float32 and not allow_tf32
+    precision = dot_precision(dy.dtype, allow_tf32)
     meta = {"ACT": activation.code, "GATED": gated, "STORE_H": store_h, "USE_TMA": use_tma,
-            "DOT_PRECISION": "ieee" if ieee else "tf32"}
+            "DOT_PRECISION": precision}
     if not dy.is_cuda:
-        _launch.interpret(args, meta, M, N)
+        LAUNCHER.interpret(args, meta, M, N)
         return dpre, h
 
-    _launch((args[8], N, K, dy.dtype, gated, store_h, use_tma, ieee), tile_grid(M, N, dy.device), args, meta)
+    key = (args[8], N, K, dy.dtype, gated, store_h, use_tma, precision)
+    LAUNCHER(key, gemm.tile_grid(M, N, dy.device), args, meta)
     return dpre, h

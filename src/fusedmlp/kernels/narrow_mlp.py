@@ -39,7 +39,6 @@ Row offsets are int64: M * row_stride passes 2^31 at these batch sizes (2^25 row
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -48,23 +47,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ..activations import Activation
-from .activation import apply_act, apply_act_bwd
-from .common import to_storage
-
-MAX_WIDTH = 256
-
-# Triton 3.9's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits (garbage, on
-# the order of 1e10). bf16 -> fp32 is exact and the GPU accumulates in fp32, so under the
-# interpreter bf16 operands are upcast first; compiled for a GPU this is constexpr-false.
-_UPCAST_BF16_DOT: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from .epilogue import act, act_and_grad
+from .narrow_pack import MAX_WIDTH, padded_width
+from .profile import Cost, KernelProfile
+from .runtime import SMEM_PER_PROGRAM, dot_precision, mma, persistent_programs, to_storage
 
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation."""
-    if _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+    return mma(a, b, None, DOT_PRECISION)
 
 
 @triton.jit
@@ -79,7 +71,7 @@ def _linear(a, w_ptr, b_ptr, l, P: tl.constexpr, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _hidden(z, ACT: tl.constexpr, WIDTH: tl.constexpr, cols, dtype: tl.constexpr):
     """h = act(z) in the storage dtype, zero past the layer's width: the next layer's operand."""
-    return to_storage(tl.where((cols < WIDTH)[None, :], apply_act(z.to(tl.float32), ACT), 0.0), dtype)
+    return to_storage(tl.where((cols < WIDTH)[None, :], act(z.to(tl.float32), ACT), 0.0), dtype)
 
 
 @triton.jit
@@ -108,7 +100,7 @@ def _narrow_mlp_fwd_kernel(
             other=0.0,
         )
         for l in tl.static_range(L):
-            h = apply_act(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), ACTS[l])
+            h = act(_linear(a, w_ptr, b_ptr, l, P, DOT_PRECISION), ACTS[l])
             h = tl.where((cols < WIDTHS[l + 1])[None, :], h, 0.0)
             a = to_storage(h, dtype)
         tl.store(
@@ -181,7 +173,7 @@ def _narrow_mlp_bwd_kernel(
             for i in tl.static_range(SEGMENT - 1, -1, -1):
                 if s + i < L:
                     out_ok = cols < WIDTHS[s + i + 1]
-                    _, dz = apply_act_bwd(zs[i].to(tl.float32), g, ACTS[s + i])
+                    _, dz = act_and_grad(zs[i].to(tl.float32), g, ACTS[s + i])
                     dz = tl.where(out_ok[None, :], dz, 0.0)
                     # fire-and-forget reductions into this program's own slice (no load to wait
                     # for; one thread owns each element, so the order of its additions is fixed),
@@ -202,7 +194,18 @@ def _narrow_mlp_bwd_kernel(
         )
 
 
-_SMEM_LIMIT = 227 * 1024  # sm_90: shared memory per program
+def forward_cost(M: int, shapes: Sequence[tuple[int, int]], bias: bool, elem: int) -> Cost:
+    """One forward launch over layers of (in, out) ``shapes``: x read, y written, every weight
+    read once; no intermediate reaches memory."""
+    flops = sum(2 * M * k * n for k, n in shapes)
+    weights = sum(k * n + (n if bias else 0) for k, n in shapes)
+    return Cost(flops, (M * (shapes[0][0] + shapes[-1][1]) + weights) * elem, 0)
+
+
+PROFILES = [
+    KernelProfile("_narrow_mlp_fwd_kernel", "narrow MLP stack forward, one kernel", True, cost=forward_cost),
+    KernelProfile("_narrow_mlp_bwd_kernel", "narrow MLP stack backward, one kernel", gemm=True),
+]
 
 # The backward keeps a segment's inputs and pre-activations live across the walk; the compiler
 # parks them in shared memory as dot operands, one [BLOCK_M, P] tile each, on top of a base for
@@ -248,12 +251,7 @@ def kernel_fits(padded: int, dtype: torch.dtype, layers: int | None = None) -> b
     # fp32 backward: the FMA dots of the recompute-segment kernel spill catastrophically (sm_90a,
     # L=9: 55 KB of stack per thread at P=64, 122 KB at P=128, minutes to compile), so fp32
     # training takes the torch path until the kernel has an fp32 design of its own.
-    return dtype != torch.float32 and backward_smem_bytes(padded, dtype, layers) <= _SMEM_LIMIT
-
-
-def padded_width(widths: Sequence[int]) -> int:
-    """P: the one padded width of every layer (a power of two, at least tl.dot's 16)."""
-    return max(16, triton.next_power_of_2(max(widths)))
+    return dtype != torch.float32 and backward_smem_bytes(padded, dtype, layers) <= SMEM_PER_PROGRAM
 
 
 def _default_config(P: int, backward: bool) -> tuple[int, int]:
@@ -280,24 +278,6 @@ def _backward_programs_per_sm(P: int) -> int:
 # tiles of the fp32 (FMA) dots across the persistent loop, 589 KB of shared memory at P=128
 # against 128 KB with one stage; for bf16 the sm_90a compiles use the same shared memory either
 # way (24 KB forward, 48 KB backward at P=64), i.e. nothing there was being pipelined.
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 storage: full-precision fp32 dots unless the user opted in to TF32 for matmuls, the
-    # switch eager follows too (so the numerics contract compares like with like).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for bf16/fp16 operands
-
-
-def _grid_programs(num_blocks: int, device: torch.device, per_sm: int) -> int:
-    """Persistent programs: ``per_sm`` per SM (0: one program per row block)."""
-    if per_sm == 0:
-        return num_blocks
-    if device.type != "cuda":
-        return min(num_blocks, 2)  # the interpreter: still several blocks per program
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(num_blocks, per_sm * sms)
 
 
 def _check(x: Tensor, w: Tensor, b: Tensor, widths: Sequence[int], acts: Sequence[Activation]) -> int:
@@ -339,12 +319,14 @@ def narrow_mlp_forward(
     bm, warps = _default_config(P, backward=False)
     bm, warps = block_m or bm, num_warps or warps
     num_blocks = triton.cdiv(M, bm)
-    _narrow_mlp_fwd_kernel[(_grid_programs(num_blocks, x.device, programs_per_sm),)](
+    precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
+    programs = persistent_programs(num_blocks, x.device, programs_per_sm) if programs_per_sm else num_blocks
+    _narrow_mlp_fwd_kernel[(programs,)](
         x, w, b, y,
         M, num_blocks,
         x.stride(0), x.stride(1), y.stride(0),
         L=len(acts), P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
-        BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps,
+        BLOCK_M=bm, DOT_PRECISION=precision, num_warps=warps,
         num_stages=1,
     )
     return y
@@ -383,7 +365,8 @@ def narrow_mlp_backward(
     bm, warps = block_m or bm, num_warps or warps
     num_blocks = triton.cdiv(M, bm)
     per_sm = _backward_programs_per_sm(P) if programs_per_sm is None else programs_per_sm
-    G = _grid_programs(num_blocks, x.device, per_sm)
+    precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
+    G = persistent_programs(num_blocks, x.device, per_sm) if per_sm else num_blocks
     dw = torch.zeros((G, L, P, P), dtype=torch.float32, device=x.device)
     db = torch.zeros((G, L, P), dtype=torch.float32, device=x.device)
     _narrow_mlp_bwd_kernel[(G,)](
@@ -391,7 +374,7 @@ def narrow_mlp_backward(
         M, num_blocks,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0),
         L=L, P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
-        BLOCK_M=bm, DOT_PRECISION=_dot_precision(x.dtype), SEGMENT=seg, num_warps=warps,
+        BLOCK_M=bm, DOT_PRECISION=precision, SEGMENT=seg, num_warps=warps,
         num_stages=1,
     )
     return dx, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..activations import resolve
-from ..bench.presets import Preset
+from ..cases.presets import Preset
 from . import expect
 from .decode import GEMM, Decoded, decode
 from .trace import Event, Trace

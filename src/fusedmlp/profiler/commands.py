@@ -16,16 +16,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from ..ops import triton_interpreting
+from ..cases.timing import measure_peaks
+from ..cases.variants import PROFILE_VARIANTS
+from ..kernels import INTERPRETING
 from . import analyze, html, show
 from .analyze import VariantSummary
-from .expect import VARIANTS
 from .run import (
     ProfileError,
     build_variants,
     check_numerics,
     hf_variants,
-    measure_peaks,
     resolve_preset,
     run,
 )
@@ -44,7 +44,7 @@ def write_outputs(
     """Tables, summary.json and report.html for analysed traces (``metas``: their metadata)."""
     skipped = skipped or {}
     # The article's order (eager, compile, liger, fusedmlp), whatever order the files came in.
-    order = {v: i for i, v in enumerate(VARIANTS)}
+    order = {v: i for i, v in enumerate(PROFILE_VARIANTS)}
     summaries = sorted(summaries, key=lambda s: order.get(s.variant, len(order)))
     analyze.unique_names(summaries)
     # Device, dtype, versions, peaks and preset: from the first trace that has our metadata.
@@ -126,7 +126,7 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
             metas.append(trace.metadata)
             summaries.append(analyze.analyze(trace))
     write_outputs(summaries, metas, out, console, skipped)
-    if device.type == "cpu" and "fusedmlp" in names and not triton_interpreting():
+    if device.type == "cpu" and "fusedmlp" in names and not INTERPRETING:
         console.print(
             "note: on a CPU, fusedmlp runs its eager reference path (the Triton kernels need a CUDA "
             "GPU, or TRITON_INTERPRET=1 to run them slowly on the CPU), so its kernels differ from "

@@ -260,35 +260,37 @@ def _inductor(name: str) -> Decoded | None:
     return None
 
 
-# User Triton kernels whose origin we know, and their kind; other plain identifiers ending in
-# "kernel" are taken as user Triton kernels too (ATen and cuBLAS names never look like that).
-_KNOWN_TRITON_GEMMS = {
-    "_gemm_act_kernel",
-    "_gemm_act_bwd_kernel",
-    "_narrow_mlp_fwd_kernel",
-    "_narrow_mlp_bwd_kernel",
+# Other libraries' Triton kernels whose names we know; fusedmlp's own kernels declare their
+# profiles next to them (kernels/*.py PROFILES). Other plain identifiers ending in "kernel" are
+# taken as user Triton kernels too (ATen and cuBLAS names never look like that).
+_LIGER_TRITON = {
+    "_geglu_tanh_forward_kernel": "geglu (tanh) forward",
+    "_geglu_tanh_backward_kernel": "geglu (tanh) backward",
+    "_swiglu_forward_kernel": "swiglu forward",
+    "_swiglu_backward_kernel": "swiglu backward",
 }
-_KNOWN_TRITON = {
-    "_gemm_act_kernel": ("fusedmlp", "GEMM with (gated) activation epilogue"),
-    "_gemm_act_bwd_kernel": ("fusedmlp", "backward GEMM with activation-derivative epilogue"),
-    "_narrow_mlp_fwd_kernel": ("fusedmlp", "narrow MLP stack forward, one kernel"),
-    "_narrow_mlp_bwd_kernel": ("fusedmlp", "narrow MLP stack backward, one kernel"),
-    "_act_fwd_kernel": ("fusedmlp", "(gated) activation forward"),
-    "_act_bwd_kernel": ("fusedmlp", "(gated) activation backward"),
-    "_geglu_tanh_forward_kernel": ("Liger", "geglu (tanh) forward"),
-    "_geglu_tanh_backward_kernel": ("Liger", "geglu (tanh) backward"),
-    "_swiglu_forward_kernel": ("Liger", "swiglu forward"),
-    "_swiglu_backward_kernel": ("Liger", "swiglu backward"),
-}
+
+
+@functools.cache
+def _known() -> dict[str, Decoded]:
+    """Kernel and op names whose origin is known: Liger's and fusedmlp's (declared by each kernel
+    file and op file as its PROFILES)."""
+    from ..kernels import profiles
+    from ..ops import PROFILES as op_profiles
+
+    known = {n: Decoded(library="Triton (Liger)", kind=ELEMENTWISE, op=op) for n, op in _LIGER_TRITON.items()}
+    for p in profiles():
+        kind = GEMM if p.gemm else ELEMENTWISE
+        known[p.name] = Decoded(library=f"Triton ({p.library})", kind=kind, op=p.op)
+    for p in op_profiles:
+        ns, _, op = p.name.partition("::")
+        known[p.name] = Decoded(library=f"custom op ({ns})", kind=GEMM if p.gemm else "custom", op=op)
+    return known
 
 
 def _user_triton(name: str, launched_by_driver: bool) -> Decoded | None:
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         return None
-    if name in _KNOWN_TRITON:
-        origin, op = _KNOWN_TRITON[name]
-        kind = GEMM if name in _KNOWN_TRITON_GEMMS else ELEMENTWISE
-        return Decoded(library=f"Triton ({origin})", kind=kind, op=op)
     if name.endswith("kernel") or launched_by_driver:
         words = name.strip("_").removesuffix("kernel").strip("_").replace("_", " ")
         return Decoded(library="Triton (user)", kind="triton", op=words or None)
@@ -401,13 +403,7 @@ def _cpu_op(name: str) -> Decoded | None:
     if ns == "aten":
         kind = GEMM if op in _CPU_GEMM_OPS else ("view" if name in VIEW_OPS else "aten")
         return Decoded(library="ATen (CPU op)", kind=kind, op=op)
-    # fusedmlp's own ops that do matrix work (on a CPU trace they stand in for the GPU kernels)
-    kind = (
-        GEMM
-        if ns == "fusedmlp" and op in ("mlp", "mlp_backward", "narrow_mlp", "narrow_mlp_backward")
-        else "custom"
-    )
-    return Decoded(library=f"custom op ({ns})", kind=kind, op=op)
+    return Decoded(library=f"custom op ({ns})", kind="custom", op=op)
 
 
 def _copy(name: str) -> Decoded | None:
@@ -437,8 +433,11 @@ def decode(name: str, launched_by_driver: bool = False) -> Decoded:
     if not isinstance(name, str) or not name.strip():
         return Decoded(library=UNKNOWN, kind=UNKNOWN)
     name = name.strip()
-    if name in _KNOWN_TRITON:  # before the name heuristics: "_gemm_act_kernel" is not cuBLAS
-        return _user_triton(name, launched_by_driver) or Decoded(library=UNKNOWN, kind=UNKNOWN)
+    known = _known()
+    if name in known:  # before the name heuristics: "_gemm_act_kernel" is not cuBLAS
+        return known[name]
+    if (op := re.fullmatch(r"(\w+::\w+)\.\w+", name)) and op[1] in known:  # fusedmlp::mlp.default
+        return known[op[1]]
     for decoder in (_copy, _nvjet, _inductor, _aten_cuda, _cpu_op, _misc, _cublas_family):
         found = decoder(name)
         if found is not None:

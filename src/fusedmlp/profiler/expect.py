@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..bench.presets import Preset
+from ..cases.presets import Preset
+from ..cases.variants import PROFILE_VARIANTS
+from ..kernels.profile import Cost
 
-VARIANTS = ("eager", "compile", "liger", "fusedmlp")
+try:  # our kernels declare their costs; without Triton there is no guess for fusedmlp
+    from ..kernels import gemm_act as k_gemm_act
+    from ..kernels import narrow_mlp as k_narrow
+except ImportError:  # pragma: no cover - Triton is installed wherever the tests run
+    k_gemm_act = k_narrow = None  # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,11 @@ def _gemm(
     )
 
 
+def _from_cost(label: str, cost: Cost) -> Role:
+    """The role of one of fusedmlp's matrix kernels: its cost as the kernel file declares it."""
+    return Role(label, True, cost.flops, cost.bytes, cost.intermediate_bytes)
+
+
 def _pointwise(label: str, elements: int, tensors: int, flops_per_element: int, e: int) -> Role:
     """Reads ``tensors - 1`` and writes 1 tensor of ``elements`` intermediates. FLOPs are a lower
     bound (one per fused op per element): transcendental functions cost more."""
@@ -63,25 +74,14 @@ def expected_kernels(preset: Preset, variant: str, element_size: int) -> list[Ro
     """The kernels one forward of ``variant`` should launch, in order; None when we cannot say."""
     m, d, h, e, b = preset.tokens, preset.hidden, preset.intermediate, element_size, preset.bias
     act = preset.activation.value
-    if variant not in VARIANTS:
+    if variant not in PROFILE_VARIANTS or (variant == "fusedmlp" and k_gemm_act is None):
         return None
     if preset.layers == 1:  # one Linear: one GEMM, bias in its epilogue, whatever the variant
         return [_gemm("linear GEMM" + (" (+bias)" if b else ""), m, d, h, e, b, False, False)]
     if preset.layers > 2:  # a narrow stack: GEMM and act per layer; fusedmlp: ONE kernel
         shapes = preset.linear_shapes()
         if variant == "fusedmlp":
-            flops = sum(2 * m * k * n for k, n in shapes)
-            weights = sum(k * n * e + (n * e if b else 0) for k, n in shapes)
-            io = m * (shapes[0][0] + shapes[-1][1]) * e
-            return [
-                Role(
-                    "whole stack, one kernel",
-                    gemm=True,
-                    flops=flops,
-                    bytes=io + weights,
-                    intermediate_bytes=0,
-                )
-            ]
+            return [_from_cost("whole stack, one kernel", k_narrow.forward_cost(m, shapes, b, e))]
         roles: list[Role] = []
         for i, (k, n) in enumerate(shapes):
             last = i == len(shapes) - 1
@@ -92,7 +92,7 @@ def expected_kernels(preset: Preset, variant: str, element_size: int) -> list[Ro
     if variant == "fusedmlp":
         first = f"gate|up GEMM + {act}(gate)*up epilogue" if preset.gated else f"fc1 GEMM + {act} epilogue"
         return [
-            _gemm(first, m, d, (2 if preset.gated else 1) * h, e, b, False, True, n_out=h),
+            _from_cost(first, k_gemm_act.cost(m, d, h, preset.gated, b, e)),
             _gemm("down GEMM" if preset.gated else "fc2 GEMM", m, h, d, e, b, True, False),
         ]
     if not preset.gated:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import platform
 import tempfile
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-from ..activations import Activation, resolve
-from ..bench.presets import Preset, default_preset, get_preset
-from ..bench.timing import median_us
+from ..activations import resolve
+from ..cases import variants as V
+from ..cases.presets import Preset, default_preset, get_preset
+from ..cases.variants import Variant
 from ..numerics import ContractCheck, check_contract
 from .analyze import preset_to_dict
-from .expect import VARIANTS
 from .trace import add_metadata
 
 WAIT, WARMUP, ACTIVE = 1, 1, 3
@@ -35,13 +34,6 @@ WAIT, WARMUP, ACTIVE = 1, 1, 3
 
 class ProfileError(RuntimeError):
     """A run that cannot start: the message says why and what to do."""
-
-
-@dataclasses.dataclass
-class Variant:
-    name: str
-    module: nn.Module | None
-    note: str = ""  # why it was skipped, or a remark on how it was built
 
 
 def resolve_preset(
@@ -69,28 +61,6 @@ def resolve_preset(
     return preset.with_tokens(tokens) if tokens else preset
 
 
-def _liger(preset: Preset, eager: nn.Module, device: torch.device, dtype: torch.dtype) -> Variant:
-    try:
-        from liger_kernel.transformers import LigerGEGLUMLP, LigerSwiGLUMLP
-    except ImportError:
-        return Variant("liger", None, "skipped: liger_kernel is not installed (pip install liger-kernel)")
-    if device.type != "cuda":
-        return Variant("liger", None, "skipped: Liger's Triton kernels need a CUDA device")
-    classes = {
-        Activation.SILU: (LigerSwiGLUMLP, "silu"),
-        Activation.GELU_TANH: (LigerGEGLUMLP, "gelu_pytorch_tanh"),
-    }
-    if not preset.gated or preset.bias or preset.activation not in classes:
-        return Variant("liger", None, "skipped: Liger has bias-free SwiGLU and GeGLU(tanh) MLPs only")
-    cls, hf_act = classes[preset.activation]
-    config = types.SimpleNamespace(
-        hidden_size=preset.hidden, intermediate_size=preset.intermediate, hidden_act=hf_act
-    )
-    module = cls(config).to(device=device, dtype=dtype)
-    module.load_state_dict(eager.state_dict())  # the same gate_proj/up_proj/down_proj keys
-    return Variant("liger", module, cls.__name__)
-
-
 def build_variants(
     preset: Preset,
     names: list[str],
@@ -98,30 +68,13 @@ def build_variants(
     dtype: torch.dtype,
     eager: nn.Module | None = None,
 ) -> list[Variant]:
-    """The requested variants of ``preset``, all holding ``eager``'s weights (a fresh eager
-    module when not given)."""
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ProfileError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    """The requested variants of ``preset`` (cases/variants.py), all holding ``eager``'s weights
+    (a fresh eager module when not given)."""
     eager = eager if eager is not None else preset.eager(device, dtype).eval()
-    out = []
-    for name in names:
-        if name == "eager":
-            out.append(Variant(name, eager, type(eager).__name__))
-        elif name == "compile":
-            # On CPU, Inductor's C++ kernels show in a trace only with kernel profiling on.
-            options = {"cpp.enable_kernel_profile": True} if device.type == "cpu" else None
-            out.append(Variant(name, torch.compile(eager, options=options), "torch.compile (default mode)"))
-        elif name == "liger":
-            out.append(_liger(preset, eager, device, dtype))
-        else:
-            try:
-                fused = preset.fused(eager)
-            except ValueError as e:
-                out.append(Variant(name, None, f"skipped: {e}"))
-            else:
-                out.append(Variant(name, fused, type(fused).__name__))
-    return out
+    try:
+        return V.build(preset, names, eager, preset.input(device, dtype))
+    except ValueError as e:
+        raise ProfileError(str(e)) from None
 
 
 def hf_variants(
@@ -134,7 +87,7 @@ def hf_variants(
     from ..fuse import fuse
 
     try:
-        from ..bench import hf_models
+        from ..cases import hf_models
 
         model = hf_models.build_model(hf_models.hf_config(config), device, dtype)
     except ImportError:
@@ -175,22 +128,6 @@ def check_numerics(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure_peaks(device: torch.device) -> dict[str, float] | None:
-    """Peak TFLOP/s (8192^3 bf16 matmul) and GB/s (1 GiB device copy, read + write), measured now,
-    on this GPU: datasheet numbers overstate what a shared, clock-throttled GPU delivers."""
-    if device.type != "cuda":
-        return None
-    n = 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mm_us = median_us(lambda: a @ b, device)
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_us = median_us(lambda: dst.copy_(src), device)
-    a = b = src = dst = torch.empty(0)  # free 2.4 GB before the variants run
-    torch.cuda.empty_cache()
-    return {"tflops": 2 * n**3 / mm_us / 1e6, "gbps": 2 * 2**30 / copy_us / 1e3}
 
 
 def profile_variant(

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..activations import Activation, act_forward, resolve
+from ..activations import Activation, module_for, resolve
 from ..modules import FusedGatedMLP, FusedMLP, FusedSequentialMLP
 from ..reference import MLP, GatedMLP
 
@@ -80,16 +80,7 @@ class Preset:
 
 def _act_module(activation: Activation) -> nn.Module:
     """The torch module of an activation where one exists (what users put in nn.Sequential)."""
-    modules = {
-        Activation.RELU: nn.ReLU,
-        Activation.SILU: nn.SiLU,
-        Activation.SIGMOID: nn.Sigmoid,
-        Activation.GELU: nn.GELU,
-        Activation.IDENTITY: nn.Identity,
-    }
-    if activation is Activation.GELU_TANH:
-        return nn.GELU(approximate="tanh")
-    return modules[activation]() if activation in modules else _Act(activation)
+    return module_for(activation) or _Act(activation)
 
 
 class _Act(nn.Module):
@@ -100,7 +91,7 @@ class _Act(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return act_forward(self.activation, x)
+        return self.activation(x)
 
 
 def _p(name: str, m: int, d: int, h: int, act: str, gated: bool, bias: bool, desc: str, **kw: int) -> Preset:

@@ -19,8 +19,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..activations import Activation
-from .activation import apply_act, apply_act_bwd
-from .common import to_storage
+from .epilogue import act, act_and_grad
+from .profile import KernelProfile
+from .runtime import to_storage
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _act_fwd_kernel(
     rows = rows[:, None]
     cols = cols[None, :]
 
-    h = apply_act(tl.load(x_ptr + rows * stride_xm + cols, mask=mask).to(tl.float32), ACT)
+    h = act(tl.load(x_ptr + rows * stride_xm + cols, mask=mask).to(tl.float32), ACT)
     if GATED:
         h = h * tl.load(up_ptr + rows * stride_um + cols, mask=mask).to(tl.float32)
     tl.store(h_ptr + rows * stride_hm + cols, to_storage(h, h_ptr.dtype.element_ty), mask=mask)
@@ -68,15 +69,21 @@ def _act_bwd_kernel(
     x = tl.load(x_ptr + rows * stride_xm + cols, mask=mask).to(tl.float32)
     if GATED:
         u = tl.load(up_ptr + rows * stride_um + cols, mask=mask).to(tl.float32)
-        a, dx = apply_act_bwd(x, dh * u, ACT)
+        a, dx = act_and_grad(x, dh * u, ACT)
         tl.store(dup_ptr + rows * stride_dum + cols, to_storage(dh * a, dup_ptr.dtype.element_ty), mask=mask)
         if STORE_H:
             tl.store(h_ptr + rows * stride_hm + cols, to_storage(a * u, h_ptr.dtype.element_ty), mask=mask)
     else:
-        a, dx = apply_act_bwd(x, dh, ACT)
+        a, dx = act_and_grad(x, dh, ACT)
         if STORE_H:
             tl.store(h_ptr + rows * stride_hm + cols, to_storage(a, h_ptr.dtype.element_ty), mask=mask)
     tl.store(dx_ptr + rows * stride_dxm + cols, to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+PROFILES = [
+    KernelProfile("_act_fwd_kernel", "(gated) activation forward", gemm=False),
+    KernelProfile("_act_bwd_kernel", "(gated) activation backward", gemm=False),
+]
 
 
 def _blocks(N: int) -> tuple[int, int, int]:
@@ -94,7 +101,9 @@ def _check_rows(name: str, t: Tensor, M: int, N: int) -> None:
         raise ValueError(f"{name}: columns must be unit-stride, got strides {t.stride()}")
 
 
-def act_forward(x: Tensor, up: Tensor | None, activation: Activation, out: Tensor | None = None) -> Tensor:
+def gated_act_forward(
+    x: Tensor, up: Tensor | None, activation: Activation, out: Tensor | None = None
+) -> Tensor:
     """h = act(x) * up (or act(x) when up is None) over 2-D views [M, N]; returns h [M, N]."""
     M, N = x.shape
     _check_rows("x", x, M, N)
@@ -115,7 +124,7 @@ def act_forward(x: Tensor, up: Tensor | None, activation: Activation, out: Tenso
     return h
 
 
-def act_backward(
+def gated_act_backward(
     dh: Tensor,
     x: Tensor,
     up: Tensor | None,

@@ -1,0 +1,18 @@
+"""Drop-in nn.Modules: the fused MLPs (mlp.py), the narrow stack (narrow.py), and the state_dict
+presentation they share (state.py)."""
+
+from .mlp import WITH_OUTPUT_DROPOUT, FusedGatedMLP, FusedLinearAct, FusedMLP
+from .narrow import FusedSequentialMLP, can_fuse_sequential, sequential_unsupported_reason
+from .state import StateLayout, linear_params
+
+__all__ = [
+    "WITH_OUTPUT_DROPOUT",
+    "FusedGatedMLP",
+    "FusedLinearAct",
+    "FusedMLP",
+    "FusedSequentialMLP",
+    "StateLayout",
+    "can_fuse_sequential",
+    "linear_params",
+    "sequential_unsupported_reason",
+]

@@ -1,0 +1,349 @@
+"""The whole MLP as an op: y = out(act(in_gate(x)) * in_up(x)) (gated) or y = out(act(in(x))).
+
+Forward: one Triton GEMM with the activation in its epilogue (kernels/gemm_act.py) writes h
+(and, when training saves it, the pre-activation gate|up), then cuBLAS for the output projection.
+Backward: dh = dy @ W_out (cuBLAS); one pointwise kernel (kernels/pointwise.py) turns dh and the
+saved gate|up into d(gate|up), written in the merged layout (over gate|up, in place, in eager),
+and recomputes h for W_out's gradient unless it was saved; then dx = d(gate|up) @ W_in and
+dW_in = d(gate|up)^T @ x are one cuBLAS GEMM each over the merged layout. With the
+``fused_backward_gemm`` kernel option, one Triton GEMM (kernels/gemm_act_bwd.py) does the first
+two steps and dh never reaches memory.
+
+Two entry points over one implementation: the custom op :func:`mlp` (with :func:`mlp_backward`),
+which torch.compile traces through, and its eager twin :class:`MLPFunction`: a custom op's
+dispatch costs more host time than a decode-sized forward's GPU time, so eager calls take the
+twin (functional.py picks by ``torch.compiler.is_compiling()``). The eager reference of the
+whole op is reference.gated_mlp / reference.mlp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import custom_op
+
+from .. import reference
+from ..activations import Activation
+from ..kernels.profile import KernelProfile
+from ..options import Recompute, kernel_options
+from .dispatch import fused_gemm_ok, use_triton
+
+try:
+    from ..kernels import gemm_act as _k_gemm
+    from ..kernels import gemm_act_bwd as _k_gemm_bwd
+    from ..kernels import pointwise as _k_pointwise
+except ImportError:  # no Triton: use_triton() is False everywhere
+    _k_gemm = _k_gemm_bwd = _k_pointwise = None  # type: ignore[assignment]
+
+
+def _allow_tf32() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def mlp_forward(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    act: Activation,
+    gated: bool,
+    recompute: Recompute,
+    inference: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, pre, h) for 2-D x [M, D]: ``pre`` (gate|up before the activation) and ``h`` are
+    returned where training at this ``recompute`` level saves them (never in ``inference``)."""
+    store_pre = not inference and recompute.saves_preactivation
+    if use_triton(x, w_in, b_in, w_out, b_out) and fused_gemm_ok(x.dtype):
+        h, pre = _k_gemm.gemm_act(x, w_in, b_in, act, gated, store_preact=store_pre, allow_tf32=_allow_tf32())
+    elif use_triton(x, w_in, b_in, w_out, b_out):  # fp32: cuBLAS, then the pointwise kernel
+        pre = F.linear(x, w_in, b_in)
+        H = pre.shape[1] // 2 if gated else pre.shape[1]
+        h = _k_pointwise.gated_act_forward(pre[:, :H], pre[:, H:] if gated else None, act)
+    else:
+        pre = F.linear(x, w_in, b_in)
+        h = reference.gated_act(*reference.split_gate_up(pre), act) if gated else act(pre)
+    y = F.linear(h, w_out, b_out)
+    keep_h = not inference and recompute is Recompute.NONE
+    return y, (pre if store_pre else None), (h if keep_h else None)
+
+
+def _pointwise_backward(
+    dh: Tensor,
+    gate: Tensor,
+    up: Tensor | None,
+    act: Activation,
+    dgate: Tensor,
+    dup: Tensor | None,
+    h: Tensor | None,
+) -> None:
+    """Writes d(gate) (and d(up) when gated) of h = act(gate) * up given dh, and h where given;
+    outputs may alias inputs (in place). The Triton kernel where it serves these tensors, else
+    the torch reference."""
+    if use_triton(dh, gate, up):
+        _k_pointwise.gated_act_backward(dh, gate, up, act, dgate, dup, h)
+        return
+    if up is None:
+        results = (reference.act_backward(dh, gate, act), None, act(gate) if h is not None else None)
+    else:
+        dg, du = reference.gated_act_backward(dh, gate, up, act)
+        results = (dg, du, reference.gated_act(gate, up, act) if h is not None else None)
+    for dst, src in zip((dgate, dup, h), results, strict=True):  # every input read before any write
+        if dst is not None and src is not None:
+            dst.copy_(src)
+
+
+def mlp_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    pre: Tensor | None,
+    h: Tensor | None,
+    act: Activation,
+    gated: bool,
+    has_b_out: bool,
+    in_place: bool = False,
+    dw_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
+
+    ``pre`` None: recompute it from x (Recompute.GEMM), a block of hidden columns at a time where
+    H is wide (:func:`_backward_recompute_blocks`). ``h`` None: recompute it with d(gate|up).
+    ``in_place``: d(gate|up) overwrites ``pre`` (each element is read, then written, by the same
+    program), which takes 2H elements per token off the backward's peak memory; ``pre`` is
+    garbage afterwards. ``dw_out``: W_out's gradient, already taken by a caller that then freed h.
+    """
+    options = kernel_options()
+    if pre is None and dw_out is None and w_out.shape[1] > options.recompute_block_width:
+        return _backward_recompute_blocks(dy, x, w_in, b_in, w_out, act, gated, has_b_out)
+    if pre is None:
+        pre, in_place = F.linear(x, w_in, b_in), True  # a buffer of our own
+    need_h = h is None and dw_out is None
+    if use_triton(dy, pre) and options.fused_backward_gemm and fused_gemm_ok(dy.dtype):
+        # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
+        dpre, h_new = _k_gemm_bwd.gemm_act_backward(
+            dy,
+            w_out,
+            pre,
+            act,
+            gated,
+            dpre=pre if in_place else None,
+            store_h=need_h,
+            allow_tf32=_allow_tf32(),
+        )
+        h = h_new if need_h else h
+    else:  # cuBLAS dh, then the pointwise backward
+        dh = dy @ w_out
+        dpre = pre if in_place else torch.empty_like(pre)
+        if need_h:
+            h = dh if in_place else torch.empty_like(dh)
+        H = dh.shape[1]
+        up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
+        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None)
+        del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
+    if dw_out is None:
+        # Output projection's gradients first, so that h is freed before the two GEMMs over
+        # d(gate|up) allocate theirs.
+        assert h is not None
+        dw_out = dy.t() @ h
+    del h
+    db_out = dy.sum(0) if has_b_out else None
+    return dpre @ w_in, dpre.t() @ x, (dpre.sum(0) if b_in is not None else None), dw_out, db_out
+
+
+# Recompute.GEMM keeps nothing of the forward but x. Its backward would still hold [tokens, 3H]
+# of gate|up and dh at once; instead it walks blocks of hidden columns (KernelOptions.
+# recompute_block_width wide at least, 4 blocks where H is 4x that), so one block's
+# [tokens, 3 * width] lives at a time.
+GEMM_RECOMPUTE_BLOCKS = 4
+
+
+def _backward_recompute_blocks(
+    dy: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    act: Activation,
+    gated: bool,
+    has_b_out: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The backward of Recompute.GEMM over blocks of hidden columns j.
+
+    Each block recomputes its gate and up columns (x @ W_in[j]^T), dh_j = dy @ W_out[:, j], turns
+    gate|up into d(gate|up) in place and dh_j into h_j, then writes W_in's rows j and W_out's
+    columns j of the weight gradients, each ONE GEMM over all tokens: exactly what the unblocked
+    backward computes. Only dx = sum_j d(gate|up)_j @ W_in[j] spans blocks; it sums in fp32,
+    each block's term rounded to the storage dtype once (the unblocked dx rounds once in all).
+    """
+    H = w_out.shape[1]
+    width = max(kernel_options().recompute_block_width, -(-H // GEMM_RECOMPUTE_BLOCKS))
+    dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    db_in = torch.empty_like(b_in) if b_in is not None else None
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for j0 in range(0, H, width):
+        j1 = min(j0 + width, H)
+        rows = [slice(j0, j1)] + ([slice(H + j0, H + j1)] if gated else [])
+        pre = [F.linear(x, w_in[r], None if b_in is None else b_in[r]) for r in rows]
+        dh = dy @ w_out[:, j0:j1]
+        up = pre[1] if gated else None
+        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh)  # in place
+        dpre, h = pre, dh  # gate|up now hold their gradients, dh holds h
+        del pre, up, dh
+        torch.mm(dy.t(), h, out=dw_out[:, j0:j1])
+        del h
+        for r, d in zip(rows, dpre, strict=True):
+            torch.mm(d.t(), x, out=dw_in[r])
+            if db_in is not None:
+                torch.sum(d, 0, out=db_in[r])
+            dx += d @ w_in[r]
+        del dpre, d
+    return dx.to(x.dtype), dw_in, db_in, dw_out, (dy.sum(0) if has_b_out else None)
+
+
+class MLPFunction(torch.autograd.Function):
+    """Eager autograd for the MLP. ``torch.library`` custom ops cost ~240 us of CPU per call in
+    eager (H100 host, torch 2.11; benchmarks/overhead.py), more than a decode-sized forward
+    takes on the GPU, so eager calls come here; traced code uses the custom op :func:`mlp`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w_in: Tensor,
+        b_in: Tensor | None,
+        w_out: Tensor,
+        b_out: Tensor | None,
+        act: Activation,
+        gated: bool,
+        recompute: Recompute,
+        inference: bool,
+    ) -> Tensor:
+        y, pre, h = mlp_forward(x, w_in, b_in, w_out, b_out, act, gated, recompute, inference)
+        if not inference:
+            ctx.meta = (act, gated, b_out is not None)
+            ctx.save_for_backward(x, w_in, b_in, w_out, pre)
+            # h (Recompute.NONE) is held apart from the saved tensors so that the backward can
+            # free it as soon as W_out's gradient is taken, before it allocates its own buffers
+            ctx.h = h
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "fusedmlp's MLP backward reuses its saved activations in place, so it runs once per "
+                "forward: backward(retain_graph=True) followed by a second backward is not supported"
+            )
+        ctx.consumed = True
+        x, w_in, b_in, w_out, pre = ctx.saved_tensors
+        dy = dy.contiguous()
+        h, ctx.h = ctx.h, None
+        dw_out = dy.t() @ h if h is not None else None
+        del h  # its last reference: the peak below no longer holds [tokens, H] of h
+        grads = mlp_backward_impl(
+            dy, x, w_in, b_in, w_out, pre, None, *ctx.meta, in_place=True, dw_out=dw_out
+        )
+        return (*grads, None, None, None, None)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+@custom_op("fusedmlp::mlp", mutates_args=())
+def mlp(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    activation: str,
+    gated: bool,
+    recompute: str,
+    inference: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, pre, h) for 2-D x [M, D]; ``pre`` and ``h`` are empty unless training at the
+    ``recompute`` level saves them."""
+    y, pre, h = mlp_forward(
+        x, w_in, b_in, w_out, b_out, Activation(activation), gated, Recompute(recompute), inference
+    )
+    return y, _or_empty(pre, x), _or_empty(h, x)
+
+
+@mlp.register_fake
+def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference):  # type: ignore[no-untyped-def]
+    level = Recompute(recompute)
+    store_pre = not inference and level.saves_preactivation
+    keep_h = not inference and level is Recompute.NONE
+    pre = x.new_empty(x.shape[0], w_in.shape[0]) if store_pre else x.new_empty(0)
+    h = x.new_empty(x.shape[0], w_out.shape[1]) if keep_h else x.new_empty(0)
+    return x.new_empty(x.shape[0], w_out.shape[0]), pre, h
+
+
+@custom_op("fusedmlp::mlp_backward", mutates_args=())
+def mlp_backward(
+    dy: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    pre: Tensor,
+    h: Tensor,
+    activation: str,
+    gated: bool,
+    has_b_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; empty ``pre``/``h`` mean recompute
+    them; absent biases get empty gradients."""
+    dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
+        dy, x, w_in, b_in, w_out, _or_none(pre), _or_none(h), Activation(activation), gated, has_b_out
+    )
+    return dx, dw_in, _or_empty(db_in, x), dw_out, _or_empty(db_out, x)
+
+
+@mlp_backward.register_fake
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out):  # type: ignore[no-untyped-def]
+    return (
+        x.new_empty(x.shape),
+        w_in.new_empty(w_in.shape),
+        w_in.new_empty(w_in.shape[0]) if b_in is not None else x.new_empty(0),
+        w_out.new_empty(w_out.shape),
+        w_out.new_empty(w_out.shape[0]) if has_b_out else x.new_empty(0),
+    )
+
+
+def _mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, w_in, b_in, w_out, b_out, activation, gated, _recompute, inference = inputs
+    ctx.meta = (activation, gated, b_out is not None, inference)
+    ctx.save_for_backward(x, w_in, b_in, w_out, output[1], output[2])
+
+
+def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor | None, ...]:
+    activation, gated, has_b_out, inference = ctx.meta
+    if inference:
+        raise RuntimeError("fusedmlp::mlp ran in inference mode (nothing saved), so it cannot run backward")
+    x, w_in, b_in, w_out, pre, h = ctx.saved_tensors
+    dx, dw_in, db_in, dw_out, db_out = mlp_backward(
+        dy.contiguous(), x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out
+    )
+    db_in_ = db_in if b_in is not None else None
+    return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, None, None, None, None)
+
+
+mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
+
+# On a CPU trace (no GPU kernels) the ops stand in for the kernels they launch.
+PROFILES = [
+    KernelProfile("fusedmlp::mlp", "MLP forward", gemm=True),
+    KernelProfile("fusedmlp::mlp_backward", "MLP backward", gemm=True),
+]

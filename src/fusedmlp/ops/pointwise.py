@@ -1,0 +1,144 @@
+"""The (gated) activation as ops: h = act(gate) * up, or h = act(x), forward and backward.
+
+Kernels: kernels/pointwise.py; eager twin: reference.gated_act / Activation.__call__. Each op has
+a fake implementation (torch.compile traces through it) and a registered autograd formula.
+``activation`` is an :class:`~fusedmlp.activations.Activation` value (the canonical name): the
+functional layer resolves user names once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.library import custom_op
+
+from .. import reference
+from ..activations import Activation
+from ..kernels.profile import KernelProfile
+from .dispatch import rows, use_triton
+
+try:
+    from ..kernels import pointwise as _k
+except ImportError:  # no Triton: use_triton() is False everywhere
+    _k = None  # type: ignore[assignment]
+
+
+@custom_op("fusedmlp::gated_act", mutates_args=())
+def gated_act(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
+    """h = act(gate) * up. With ``up=None``, ``gate`` is the merged [..., 2H] gate|up tensor."""
+    act = Activation(activation)
+    g, u = reference.split_gate_up(gate) if up is None else (gate, up)
+    if not use_triton(g, u):
+        return reference.gated_act(g, u, act)
+    if up is None:
+        gu = rows(gate)
+        H = gu.shape[1] // 2
+        g2, u2 = gu[:, :H], gu[:, H:]
+    else:
+        g2, u2 = rows(gate), rows(up)
+    return _k.gated_act_forward(g2, u2, act).view(g.shape)
+
+
+@gated_act.register_fake
+def _(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
+    shape = gate.shape if up is not None else (*gate.shape[:-1], gate.shape[-1] // 2)
+    return gate.new_empty(shape)
+
+
+@custom_op("fusedmlp::gated_act_backward", mutates_args=())
+def gated_act_backward(
+    grad: Tensor, gate: Tensor, up: Tensor | None, activation: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`gated_act`: (d gate|up merged, empty) with ``up=None``, else (d gate, d up)."""
+    act = Activation(activation)
+    g, u = reference.split_gate_up(gate) if up is None else (gate, up)
+    if not use_triton(grad, g, u):
+        dg, du = reference.gated_act_backward(grad, g, u, act)
+        if up is None:
+            return reference.merge_gate_up(dg, du), gate.new_empty(0)
+        return dg, du
+    grad2 = rows(grad)
+    if up is None:
+        gu = rows(gate)
+        H = gu.shape[1] // 2
+        dgu = gu.new_empty(gu.shape)
+        _k.gated_act_backward(grad2, gu[:, :H], gu[:, H:], act, dgu[:, :H], dgu[:, H:])
+        return dgu.view(gate.shape), gate.new_empty(0)
+    dg, du = gate.new_empty(gate.shape), up.new_empty(up.shape)
+    H = gate.shape[-1]
+    _k.gated_act_backward(grad2, rows(gate), rows(up), act, dg.view(-1, H), du.view(-1, H))
+    return dg, du
+
+
+@gated_act_backward.register_fake
+def _(grad: Tensor, gate: Tensor, up: Tensor | None, activation: str) -> tuple[Tensor, Tensor]:
+    if up is None:
+        return gate.new_empty(gate.shape), gate.new_empty(0)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _gated_act_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    gate, up, activation = inputs
+    ctx.activation = activation
+    ctx.split = up is not None
+    ctx.save_for_backward(gate, up)
+
+
+def _gated_act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+    gate, up = ctx.saved_tensors
+    dgate, dup = gated_act_backward(grad, gate, up, ctx.activation)
+    return dgate, (dup if ctx.split else None), None
+
+
+gated_act.register_autograd(_gated_act_bwd, setup_context=_gated_act_setup)
+
+
+@custom_op("fusedmlp::act", mutates_args=())
+def act(x: Tensor, activation: str) -> Tensor:
+    """h = act(x)."""
+    a = Activation(activation)
+    if not use_triton(x):
+        return a(x)
+    return _k.gated_act_forward(rows(x), None, a).view(x.shape)
+
+
+@act.register_fake
+def _(x: Tensor, activation: str) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@custom_op("fusedmlp::act_backward", mutates_args=())
+def act_backward(grad: Tensor, x: Tensor, activation: str) -> Tensor:
+    """d x of :func:`act`."""
+    a = Activation(activation)
+    if not use_triton(grad, x):
+        return reference.act_backward(grad, x, a)
+    dx = x.new_empty(x.shape)
+    _k.gated_act_backward(rows(grad), rows(x), None, a, dx.view(-1, x.shape[-1]), None)
+    return dx
+
+
+@act_backward.register_fake
+def _(grad: Tensor, x: Tensor, activation: str) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _act_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x)
+
+
+def _act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    (x,) = ctx.saved_tensors
+    return act_backward(grad, x, ctx.activation), None
+
+
+act.register_autograd(_act_bwd, setup_context=_act_setup)
+
+# On a CPU trace (no GPU kernels) the ops stand in for the kernels they launch.
+PROFILES = [
+    KernelProfile(f"fusedmlp::{name}", f"{name.replace('_', ' ')}", gemm=False)
+    for name in ("gated_act", "gated_act_backward", "act", "act_backward")
+]
