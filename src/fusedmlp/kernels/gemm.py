@@ -79,9 +79,9 @@ def mainloop(
             if B_KN:
                 tb0 = b.load([k0, off_n])
             else:
-                tb0 = b.load([off_n, k0]).T
+                tb0 = b.load([off_n, k0])
                 if TWO_B:
-                    tb1 = b.load([B1_ROW + off_n, k0]).T
+                    tb1 = b.load([B1_ROW + off_n, k0])
         else:
             ta = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
             a_ptrs += BLOCK_K
@@ -89,14 +89,17 @@ def mainloop(
                 tb0 = tl.load(b0_ptrs, mask=rk[:, None] < K - k0, other=0.0)
                 b0_ptrs += BLOCK_K * stride_b
             else:
-                tb0 = tl.load(b0_ptrs, mask=rk[None, :] < K - k0, other=0.0).T
+                tb0 = tl.load(b0_ptrs, mask=rk[None, :] < K - k0, other=0.0)
                 b0_ptrs += BLOCK_K
                 if TWO_B:
-                    tb1 = tl.load(b1_ptrs, mask=rk[None, :] < K - k0, other=0.0).T
+                    tb1 = tl.load(b1_ptrs, mask=rk[None, :] < K - k0, other=0.0)
                     b1_ptrs += BLOCK_K
-        acc0 = mma(ta, tb0, acc0, PRECISION)
-        if TWO_B:
-            acc1 = mma(ta, tb1, acc1, PRECISION)
+        if B_KN:
+            acc0 = mma(ta, tb0, acc0, PRECISION)
+        else:
+            acc0 = mma(ta, tb0.T, acc0, PRECISION)
+            if TWO_B:
+                acc1 = mma(ta, tb1.T, acc1, PRECISION)
     return acc0, acc1
 
 
