@@ -66,16 +66,132 @@ def act(x: Tensor, activation: str | Activation = "gelu") -> Tensor:
     return ops.act(x, a.value)
 
 
-def _check_weight(name: str, w: Tensor, shape: tuple[int, int]) -> None:
-    if tuple(w.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(w.shape)}; expected {shape}")
+def _shape(t: object) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_mlp(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    gated: bool,
+    names: tuple[str, str, str, str],
+) -> None:
+    """Validate an MLP call at the API boundary: tensor types, ranks, every weight and bias shape,
+    floating dtypes that match (or autocast), one device. Each check is a comparison on the
+    path where all pass; a failure raises a ValueError or TypeError naming the argument
+    (``names``: how the weight and bias arguments are called) and what is wrong with it."""
+    n_w_in, n_b_in, n_w_out, n_b_out = names
+    for name, t, optional in ((n_w_in, w_in, False), (n_b_in, b_in, True), (n_w_out, w_out, False),
+                              (n_b_out, b_out, True), ("input", x, False)):
+        if not isinstance(t, Tensor) and not (optional and t is None):
+            allowed = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"{name} must be {allowed}, got {type(t).__name__}")
+    if w_in.dim() != 2 or w_out.dim() != 2:
+        bad = n_w_in if w_in.dim() != 2 else n_w_out
+        raise ValueError(f"{bad} has shape {_shape(w_in if bad == n_w_in else w_out)}; expected a 2-D weight")
+    rows, d = w_in.shape
+    if gated and rows % 2:
+        raise ValueError(f"{n_w_in} has an odd number of rows ({rows}); expected [2*H, D], gate rows first")
+    h = rows // 2 if gated else rows
+    if w_out.shape[1] != h:
+        raise ValueError(
+            f"{n_w_out} has shape {_shape(w_out)}; expected [D_out, {h}] to follow {n_w_in} {_shape(w_in)}"
+        )
+    if b_in is not None and (b_in.dim() != 1 or b_in.shape[0] != rows):
+        raise ValueError(f"{n_b_in} has shape {_shape(b_in)}; expected ({rows},)")
+    if b_out is not None and (b_out.dim() != 1 or b_out.shape[0] != w_out.shape[0]):
+        raise ValueError(f"{n_b_out} has shape {_shape(b_out)}; expected ({w_out.shape[0]},)")
+    if x.dim() == 0 or x.shape[-1] != d:
+        raise ValueError(f"input has shape {_shape(x)}; expected the last dimension to be hidden_size={d}")
+    dtype, device = x.dtype, x.device
+    autocast = None
+    for name, t in (("input", x), (n_w_in, w_in), (n_b_in, b_in), (n_w_out, w_out), (n_b_out, b_out)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; fusedmlp needs a floating-point tensor")
+        if t.device != device:
+            raise ValueError(f"input is on {device} but {name} is on {t.device}; move both to one device")
+        if t.dtype != dtype:
+            if autocast is None:
+                autocast = torch.is_autocast_enabled(device.type)
+            if not autocast:
+                raise TypeError(
+                    f"input has dtype {dtype} but {name} has dtype {t.dtype}; cast one of them "
+                    "(or run under torch.autocast)"
+                )
+
+
+def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[str, str]) -> None:
+    """As :func:`check_mlp`, for one projection ``weight`` [out, in] and its ``bias``."""
+    n_w, n_b = names
+    for name, t, optional in ((n_w, weight, False), (n_b, bias, True), ("input", x, False)):
+        if not isinstance(t, Tensor) and not (optional and t is None):
+            allowed = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"{name} must be {allowed}, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{n_w} has shape {_shape(weight)}; expected a 2-D weight [out, in]")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{n_b} has shape {_shape(bias)}; expected ({weight.shape[0]},)")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input has shape {_shape(x)}; expected the last dimension to be {weight.shape[1]}")
+    autocast = None
+    for name, t in (("input", x), (n_w, weight), (n_b, bias)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; fusedmlp needs a floating-point tensor")
+        if t.device != x.device:
+            raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move both to one device")
+        if t.dtype != x.dtype:
+            if autocast is None:
+                autocast = torch.is_autocast_enabled(x.device.type)
+            if not autocast:
+                raise TypeError(
+                    f"input has dtype {x.dtype} but {name} has dtype {t.dtype}; cast one of them "
+                    "(or run under torch.autocast)"
+                )
+
+
+def linear_act(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | Activation = "gelu"
+) -> Tensor:
+    """h = act(x @ weight^T + bias) as ONE GEMM launch with the activation in its epilogue
+    (where the kernels serve the call); weight is [out, in], as nn.Linear's."""
+    act_ = resolve(activation)
+    check_linear(x, weight, bias, ("weight", "bias"))
+    return run_linear_act(x, weight, bias, act_)
+
+
+def run_linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> Tensor:
+    """:func:`linear_act` on validated arguments, dispatched as :func:`run_mlp` does."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    weight = _unit_cols(weight)
+    if torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled()
+        lead = x.shape[:-1]
+        h = ops.linear_act(_unit_cols(x.reshape(-1, x.shape[-1])), weight, bias, act.value, needs_grad)[0]
+        return h.view(*lead, weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        return ops.LinearActFunction.apply(x, weight, bias, act)
+    return ops.fused_mlp.linear_act_inference(x, weight, bias, act)
 
 
 def _unit_cols(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _run_mlp(
+def run_mlp(
     x: Tensor,
     w_in: Tensor,
     b_in: Tensor | None,
@@ -83,25 +199,31 @@ def _run_mlp(
     b_out: Tensor | None,
     act: Activation,
     gated: bool,
-    recompute: str | Recompute,
+    recompute: Recompute,
 ) -> Tensor:
-    """Flatten to 2-D, apply autocast's dtype by hand (custom ops are opaque to autocast), run."""
-    level = resolve_recompute(recompute)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    """The MLP on validated arguments (:func:`check_mlp`): autocast's dtype applied by hand (the
+    ops are opaque to it), then the op for traced code, its autograd.Function twin where a
+    gradient is wanted, or the forward alone (no autograd node) where none is."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
         b_in = b_in.to(dt) if b_in is not None else None
         b_out = b_out.to(dt) if b_out is not None else None
-    lead = x.shape[:-1]
-    x2 = _unit_cols(x.reshape(-1, x.shape[-1]))
-    params = (w_in, b_in, w_out, b_out)
-    inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
     w_in, w_out = _unit_cols(w_in), _unit_cols(w_out)
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
-        y = ops.mlp(x2, w_in, b_in, w_out, b_out, act.value, gated, level.value, inference)[0]
-    else:  # eager: the same implementation through a cheaper autograd.Function
-        y = ops.MLPFunction.apply(x2, w_in, b_in, w_out, b_out, act, gated, level, inference)
-    return y.view(*lead, w_out.shape[0])
+        needs_grad = torch.is_grad_enabled()
+        lead = x.shape[:-1]
+        y = ops.mlp(_unit_cols(x.reshape(-1, x.shape[-1])), w_in, b_in, w_out, b_out, act.value, gated,
+                    recompute.value, not needs_grad)[0]
+        return y.view(*lead, w_out.shape[0])
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or w_in.requires_grad or w_out.requires_grad
+        or (b_in is not None and b_in.requires_grad) or (b_out is not None and b_out.requires_grad)
+    )
+    if needs_grad:
+        return ops.MLPFunction.apply(x, w_in, b_in, w_out, b_out, act, gated, recompute)
+    return ops.fused_mlp.mlp_inference(x, w_in, b_in, w_out, b_out, act, gated)
 
 
 def gated_mlp(
@@ -115,20 +237,9 @@ def gated_mlp(
 ) -> Tensor:
     """y = down(act(gate(x)) * up(x)); gate|up is one [2H, D] weight, gate rows first.
     ``recompute``: what training saves for the backward (:class:`fusedmlp.Recompute`)."""
-    act_ = resolve(activation)
-    two_h, d = gate_up_weight.shape
-    check_inputs(
-        x,
-        d,
-        gate_up_weight=gate_up_weight,
-        gate_up_bias=gate_up_bias,
-        down_weight=down_weight,
-        down_bias=down_bias,
-    )
-    if two_h % 2:
-        raise ValueError(f"gate_up_weight has an odd number of rows ({two_h}); expected [2*H, D]")
-    _check_weight("down_weight", down_weight, (down_weight.shape[0], two_h // 2))
-    return _run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, True, recompute)
+    act_, level = resolve(activation), resolve_recompute(recompute)
+    check_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, True, GATED_NAMES)
+    return run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, True, level)
 
 
 def mlp(
@@ -141,11 +252,13 @@ def mlp(
     recompute: str | Recompute = "activation",
 ) -> Tensor:
     """y = fc2(act(fc1(x))); ``recompute`` as for :func:`gated_mlp`."""
-    act_ = resolve(activation)
-    h, d = fc1_weight.shape
-    check_inputs(x, d, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-    _check_weight("fc2_weight", fc2_weight, (fc2_weight.shape[0], h))
-    return _run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, recompute)
+    act_, level = resolve(activation), resolve_recompute(recompute)
+    check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, False, PLAIN_NAMES)
+    return run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, level)
+
+
+GATED_NAMES = ("gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
+PLAIN_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 
 def pack_narrow_mlp(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[Tensor, Tensor]:
@@ -202,13 +315,16 @@ def narrow_mlp_packed(x: Tensor, w: Tensor, b: Tensor, widths: list[int], names:
 
 
 def _run_narrow(x: Tensor, w: Tensor, b: Tensor, widths: list[int], names: str) -> Tensor:
-    """Autocast's dtype applied by hand (the ops are opaque to it), then the op or its twin."""
+    """Autocast's dtype applied by hand (the ops are opaque to it), then the op for traced code,
+    its autograd.Function twin where a gradient is wanted, or the forward alone."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
         return ops.narrow_mlp(x, w, b, widths, names)
-    return ops.NarrowMLPFunction.apply(x, w, b, widths, names)  # eager: less host time per call
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+        return ops.NarrowMLPFunction.apply(x, w, b, widths, names)  # eager: less host time per call
+    return ops.narrow.narrow_mlp_forward(x, w, b, widths, names)  # nothing to differentiate: no node
 
 
 def narrow_mlp(

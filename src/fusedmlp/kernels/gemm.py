@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ..options import kernel_options
-from .runtime import SMEM_PER_PROGRAM, mma, num_sms
+from .launch import PlannedKernel, spec, traced_launch
+from .runtime import SMEM_PER_PROGRAM, capability, mma, num_sms
 
 # ---------------------------------------------------------------------------------------------
 # device side
@@ -141,19 +142,22 @@ except ImportError:  # pragma: no cover - older Triton: pointer path only
     TensorDescriptor = None
 
 
-def tma_ok(*tensors: torch.Tensor) -> bool:
+def tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
     """Whether these 2-D tensors can be read through TMA descriptors: Hopper (or the interpreter,
     except bf16, whose descriptor emulation returns garbage in Triton 3.9), 16-byte aligned base
-    pointers and row strides."""
+    pointers and row strides. ``traced``: the tensors have no address yet (torch.compile's fake
+    tensors): their storage offsets stand in, the storage itself being aligned as torch allocates."""
     if TensorDescriptor is None:
         return False
     first = tensors[0]
     if first.is_cuda:
-        if torch.cuda.get_device_capability(first.device)[0] < 9:
+        if capability(first.device.index or 0)[0] < 9:
             return False
     elif first.dtype == torch.bfloat16:
         return False
     es = first.element_size()
+    if traced:
+        return all((t.storage_offset() * es) % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in tensors)
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in tensors)
 
 
@@ -180,11 +184,12 @@ INTERPRETER_PROGRAMS = 4
 
 
 class Launcher:
-    """Autotunes a kernel once per key, then launches the JIT kernel directly with the pick: the
-    autotuner's own per-call bookkeeping costs ~25 us of host time (H100 host), a sixth of a
-    decode-sized forward. ``set_blocks(nargs)`` gives TMA descriptors the config's block shapes;
-    ``prune(configs, nargs, **meta)`` keeps the configs that suit a call (the first is the one
-    used when autotuning is off)."""
+    """Autotunes a kernel once per key, then launches the pick through a launch plan (launch.py):
+    the autotuner's own per-call bookkeeping cost ~25 us of host time (H100 host) and the JIT's
+    another 15-20, together more than a decode-sized forward runs on the GPU.
+    ``set_blocks(nargs)`` gives TMA descriptors the config's block shapes (a plan's launcher takes
+    them from the compiled kernel); ``prune(configs, nargs, **meta)`` keeps the configs that suit
+    a call, the first of which runs when autotuning is off (KernelOptions.autotune)."""
 
     def __init__(
         self,
@@ -205,7 +210,11 @@ class Launcher:
         self.autotuned = triton.autotune(
             configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **cache
         )(kernel)
+        self.planned = PlannedKernel(kernel)
+        # the pick per key: autotuned, or the first config pruning keeps (autotuning off); the
+        # dicts keep the configs alive, so id(config) names one in a plan's key
         self.tuned: dict[tuple, triton.Config] = {}
+        self.untuned: dict[tuple, triton.Config] = {}
 
     def __call__(
         self,
@@ -215,18 +224,50 @@ class Launcher:
         meta: dict,
         config: triton.Config | None = None,
     ) -> None:
-        nargs = dict(zip(self.kernel.arg_names, args, strict=False))
-        chosen = config or self.tuned.get(key)
-        if chosen is None and kernel_options().autotune:
-            self.autotuned[grid](*args, **meta)
-            self.tuned[key] = self.autotuned.best_config
+        """Launch with runtime ``args`` and constexprs ``meta``; ``key`` names the shape bucket and
+        everything but the config that selects a compiled kernel (dtypes, flags, the device).
+        ``config`` forces a config (sweeps): no tuning, no plan."""
+        if config is not None:
+            self._through_jit(None, grid(config.kwargs), args, meta, config)
             return
+        tuning = kernel_options().autotune
+        chosen = (self.tuned if tuning else self.untuned).get(key)
         if chosen is None:
-            chosen = self.prune(self.configs, nargs, **meta)[0]
-        self.set_blocks({**nargs, **meta, **chosen.kwargs})
-        self.kernel[grid(chosen.kwargs)](
-            *args, **meta, **chosen.kwargs, num_warps=chosen.num_warps, num_stages=chosen.num_stages
-        )
+            if tuning:
+                self.autotuned[grid](*args, **meta)
+                self.tuned[key] = self.autotuned.best_config
+                return
+            nargs = dict(zip(self.kernel.arg_names, args, strict=False))
+            chosen = self.untuned[key] = self.prune(self.configs, nargs, **meta)[0]
+        plan_key = (key, id(chosen), tuple(meta.values()), spec(args))
+        launch_grid = grid(chosen.kwargs)
+        if not self.planned.try_launch(plan_key, launch_grid, args):
+            self._through_jit(plan_key, launch_grid, args, meta, chosen)
+
+    def pick(self, key: tuple, args: tuple, meta: dict) -> triton.Config:
+        """The config for ``key`` without timing anything: the autotuned pick where eager calls
+        made one, else the first that pruning keeps (what traced code launches: it must decide
+        at trace time)."""
+        chosen = self.tuned.get(key) or self.untuned.get(key)
+        if chosen is None:
+            nargs = dict(zip(self.kernel.arg_names, args, strict=False))
+            chosen = self.untuned[key] = self.prune(self.configs, nargs, **meta)[0]
+        return chosen
+
+    def traced(self, key: tuple, grid: Callable[[dict], tuple], args: tuple, meta: dict) -> None:
+        """Launch from traced code (a torch.library.triton_op body): through wrap_triton, so that
+        Inductor launches the kernel from its generated code; no plan, no autotuning, no
+        pre-hook (descriptors are made on the device: meta's DEVICE_DESC)."""
+        cfg = self.pick(key, args, meta)
+        constexprs = {**meta, **cfg.kwargs}
+        traced_launch(self.kernel, grid(cfg.kwargs), args, constexprs, cfg.num_warps, cfg.num_stages)
+
+    def _through_jit(
+        self, plan_key: tuple | None, grid: tuple[int], args: tuple, meta: dict, cfg: triton.Config
+    ) -> None:
+        constexprs = {**meta, **cfg.kwargs}
+        self.set_blocks({**dict(zip(self.kernel.arg_names, args, strict=False)), **constexprs})
+        self.planned.launch(plan_key, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
     def interpret(self, args: tuple, meta: dict, M: int, N: int) -> None:
         """Under Triton's CPU interpreter: the fixed small config."""

@@ -44,7 +44,16 @@ def _gemm_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr,  # one program per SM walking the tiles (else one per tile)
     WARP_SPEC: tl.constexpr,  # producer/consumer warp specialisation of the K loop
+    DEVICE_DESC: tl.constexpr = False,  # x and w are pointers; TMA descriptors are made here
 ):
+    if DEVICE_DESC:  # launches from traced code, which can pass no host descriptor
+        x = tl.make_tensor_descriptor(x, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_rows = N
+        if GATED:
+            w_rows = 2 * N
+        w = tl.make_tensor_descriptor(
+            w, shape=[w_rows, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
         pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -154,12 +163,15 @@ def gemm_act(
     store_preact: bool = False,
     allow_tf32: bool = False,
     config: triton.Config | None = None,
+    traced: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(h, pre): h = act(x @ Wg^T + bg) * (x @ Wu^T + bu) when ``gated`` (w = [Wg; Wu]), else
     h = act(x @ W^T + b); ``pre`` = x @ w^T + bias when ``store_preact``, else None.
 
     x [M, K] and w [rows, K] must have unit-stride columns; fp32 inputs use TF32 only when
-    ``allow_tf32``. ``config`` forces a kernel config on CUDA (no autotuning).
+    ``allow_tf32``. ``config`` forces a kernel config on CUDA (no autotuning). ``traced``: called
+    from a triton_op body (torch.compile): launched through wrap_triton, descriptors made on the
+    device, the config picked without timing.
     """
     M, K = x.shape
     rows, k_w = w.shape
@@ -178,8 +190,19 @@ def gemm_act(
         raise ValueError("K = 0: nothing to multiply")
     # Decode sizes take the pointer path: as fast on the GPU (gemm_sweep: 93.0 vs 93.2 us at M=1)
     # and no tensor-map encoding on the host, which dominates a launch this short.
-    use_tma = M > 64 and gemm.tma_ok(x, w)
+    use_tma = M > 64 and gemm.tma_ok(x, w, traced=traced)
     pre_or_h = pre if pre is not None else h
+    if traced:
+        args = (x, w, bias if bias is not None else w, h, pre_or_h, M, N, K, 0,
+                x.stride(0), w.stride(0), h.stride(0), pre_or_h.stride(0))
+        meta = {
+            "ACT": activation.code, "GATED": gated, "HAS_BIAS": bias is not None, "STORE_PRE": store_preact,
+            "USE_TMA": use_tma, "DOT_PRECISION": dot_precision(x.dtype, allow_tf32), "DEVICE_DESC": use_tma,
+        }
+        key = (gemm.m_bucket(M), N, K, x.dtype, gated, bias is not None, store_preact, use_tma,
+               meta["DOT_PRECISION"], x.device.index)
+        LAUNCHER.traced(key, gemm.tile_grid(M, N, x.device), args, meta)
+        return h, pre
     args = (
         gemm.descriptor(x) if use_tma else x, gemm.descriptor(w) if use_tma else w,
         bias if bias is not None else w, h, pre_or_h,
@@ -195,6 +218,6 @@ def gemm_act(
         LAUNCHER.interpret(args, meta, M, N)
         return h, pre
 
-    key = (args[8], N, K, x.dtype, gated, bias is not None, store_preact, use_tma, precision)
+    key = (args[8], N, K, x.dtype, gated, bias is not None, store_preact, use_tma, precision, x.device.index)
     LAUNCHER(key, gemm.tile_grid(M, N, x.device), args, meta, config)
     return h, pre

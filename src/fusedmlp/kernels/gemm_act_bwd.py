@@ -39,7 +39,13 @@ def _gemm_act_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, WARP_SPEC: tl.constexpr,
+    DEVICE_DESC: tl.constexpr = False,  # dy and w are pointers; TMA descriptors are made here
 ):
+    if DEVICE_DESC:  # launches from traced code, which can pass no host descriptor
+        dy = tl.make_tensor_descriptor(
+            dy, shape=[M, K], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+        w = tl.make_tensor_descriptor(w, shape=[K, N], strides=[stride_wk, 1], block_shape=[BLOCK_K, BLOCK_N])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
         pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -120,10 +126,11 @@ def gemm_act_backward(
     dpre: Tensor | None = None,
     store_h: bool = True,
     allow_tf32: bool = False,
+    traced: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(d pre, h or None) for dh = dy @ w_out: d(gate|up) [M, 2N] (or dz [M, N]), and h [M, N]
     when ``store_h``. ``dpre`` may be ``pre`` itself (in place). fp32 operands use TF32 only
-    when ``allow_tf32``."""
+    when ``allow_tf32``. ``traced``: as for gemm_act.gemm_act."""
     M, K = dy.shape
     k_w, N = w_out.shape
     if k_w != K:
@@ -137,8 +144,17 @@ def gemm_act_backward(
     for name, t in (("dy", dy), ("w_out", w_out), ("pre", pre), ("dpre", dpre)):
         if t.stride(1) != 1 and t.shape[1] > 1:
             raise ValueError(f"{name} needs unit-stride columns")
-    use_tma = M > 64 and gemm.tma_ok(dy, w_out)
+    use_tma = M > 64 and gemm.tma_ok(dy, w_out, traced=traced)
     hh = h if h is not None else dpre
+    if traced:
+        args = (dy, w_out, pre, dpre, hh, M, N, K, 0,
+                dy.stride(0), w_out.stride(0), pre.stride(0), dpre.stride(0), hh.stride(0))
+        precision = dot_precision(dy.dtype, allow_tf32)
+        meta = {"ACT": activation.code, "GATED": gated, "STORE_H": store_h, "USE_TMA": use_tma,
+                "DOT_PRECISION": precision, "DEVICE_DESC": use_tma}
+        key = (gemm.m_bucket(M), N, K, dy.dtype, gated, store_h, use_tma, precision, dy.device.index)
+        LAUNCHER.traced(key, gemm.tile_grid(M, N, dy.device), args, meta)
+        return dpre, h
     args = (
         gemm.descriptor(dy) if use_tma else dy, gemm.descriptor(w_out) if use_tma else w_out, pre, dpre, hh,
         M, N, K, gemm.m_bucket(M),
@@ -151,6 +167,6 @@ def gemm_act_backward(
         LAUNCHER.interpret(args, meta, M, N)
         return dpre, h
 
-    key = (args[8], N, K, dy.dtype, gated, store_h, use_tma, precision)
+    key = (args[8], N, K, dy.dtype, gated, store_h, use_tma, precision, dy.device.index)
     LAUNCHER(key, gemm.tile_grid(M, N, dy.device), args, meta)
     return dpre, h

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ..activations import Activation
 from .epilogue import act, act_and_grad
+from .launch import PlannedKernel, plan_key, traced_launch
 from .narrow_pack import MAX_WIDTH, padded_width
 from .profile import Cost, KernelProfile
 from .runtime import SMEM_PER_PROGRAM, dot_precision, mma, persistent_programs, to_storage
@@ -202,6 +203,9 @@ def forward_cost(M: int, shapes: Sequence[tuple[int, int]], bias: bool, elem: in
     return Cost(flops, (M * (shapes[0][0] + shapes[-1][1]) + weights) * elem, 0)
 
 
+_FWD = PlannedKernel(_narrow_mlp_fwd_kernel)
+_BWD = PlannedKernel(_narrow_mlp_bwd_kernel)
+
 PROFILES = [
     KernelProfile("_narrow_mlp_fwd_kernel", "narrow MLP stack forward, one kernel", True, cost=forward_cost),
     KernelProfile("_narrow_mlp_bwd_kernel", "narrow MLP stack backward, one kernel", gemm=True),
@@ -308,6 +312,7 @@ def narrow_mlp_forward(
     # One program per row block: 192.6 us vs 224.7 us persistent at 2 per SM (H100, bf16, 2^20
     # rows, 32 -> 64 x8 -> 16; benchmarks/results/narrow-mlp-v1-20261125.json).
     programs_per_sm: int = 0,
+    traced: bool = False,
 ) -> Tensor:
     """y [M, D_L] of the stack over a 2-D x [M, D0]; ``block_m``/``num_warps`` override the config;
     ``programs_per_sm`` 0 launches one program per row block instead of a persistent grid."""
@@ -321,14 +326,15 @@ def narrow_mlp_forward(
     num_blocks = triton.cdiv(M, bm)
     precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
     programs = persistent_programs(num_blocks, x.device, programs_per_sm) if programs_per_sm else num_blocks
-    _narrow_mlp_fwd_kernel[(programs,)](
-        x, w, b, y,
-        M, num_blocks,
-        x.stride(0), x.stride(1), y.stride(0),
-        L=len(acts), P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
-        BLOCK_M=bm, DOT_PRECISION=precision, num_warps=warps,
-        num_stages=1,
-    )
+    args = (x, w, b, y, M, num_blocks, x.stride(0), x.stride(1), y.stride(0))
+    meta = {
+        "L": len(acts), "P": P, "WIDTHS": tuple(widths), "ACTS": tuple(a.code for a in acts),
+        "BLOCK_M": bm, "DOT_PRECISION": precision, "num_warps": warps,
+    }
+    if traced:
+        traced_launch(_narrow_mlp_fwd_kernel, (programs,), args, meta, num_stages=1)
+    else:
+        _FWD.launch(plan_key(x, meta, args), (programs,), args, meta, num_stages=1)
     return y
 
 
@@ -343,6 +349,7 @@ def narrow_mlp_backward(
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
     segment: int | None = None,
+    traced: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [M, D0], dw [L, P, P], db [L, P]) in the storage dtype; padded entries of dw/db are 0.
 
@@ -369,12 +376,17 @@ def narrow_mlp_backward(
     G = persistent_programs(num_blocks, x.device, per_sm) if per_sm else num_blocks
     dw = torch.zeros((G, L, P, P), dtype=torch.float32, device=x.device)
     db = torch.zeros((G, L, P), dtype=torch.float32, device=x.device)
-    _narrow_mlp_bwd_kernel[(G,)](
+    args = (
         x, dy, w, b, dx, dw, db,
         M, num_blocks,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0),
-        L=L, P=P, WIDTHS=tuple(widths), ACTS=tuple(a.code for a in acts),
-        BLOCK_M=bm, DOT_PRECISION=precision, SEGMENT=seg, num_warps=warps,
-        num_stages=1,
     )
+    meta = {
+        "L": L, "P": P, "WIDTHS": tuple(widths), "ACTS": tuple(a.code for a in acts),
+        "BLOCK_M": bm, "DOT_PRECISION": precision, "SEGMENT": seg, "num_warps": warps,
+    }
+    if traced:
+        traced_launch(_narrow_mlp_bwd_kernel, (G,), args, meta, num_stages=1)
+    else:
+        _BWD.launch(plan_key(x, meta, args), (G,), args, meta, num_stages=1)
     return dx, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype)

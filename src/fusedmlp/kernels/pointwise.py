@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..activations import Activation
 from .epilogue import act, act_and_grad
+from .launch import PlannedKernel, plan_key, traced_launch
 from .profile import KernelProfile
 from .runtime import to_storage
 
@@ -86,6 +87,10 @@ PROFILES = [
 ]
 
 
+_FWD = PlannedKernel(_act_fwd_kernel)
+_BWD = PlannedKernel(_act_bwd_kernel)
+
+
 def _blocks(N: int) -> tuple[int, int, int]:
     # About 4096 elements per program: 8 warps each moving two 16-byte vectors per tensor, enough
     # bytes in flight per SM to run these kernels at copy bandwidth on H100.
@@ -102,9 +107,10 @@ def _check_rows(name: str, t: Tensor, M: int, N: int) -> None:
 
 
 def gated_act_forward(
-    x: Tensor, up: Tensor | None, activation: Activation, out: Tensor | None = None
+    x: Tensor, up: Tensor | None, activation: Activation, out: Tensor | None = None, traced: bool = False
 ) -> Tensor:
-    """h = act(x) * up (or act(x) when up is None) over 2-D views [M, N]; returns h [M, N]."""
+    """h = act(x) * up (or act(x) when up is None) over 2-D views [M, N]; returns h [M, N].
+    ``traced``: launched from a triton_op body (torch.compile), through wrap_triton."""
     M, N = x.shape
     _check_rows("x", x, M, N)
     if up is not None:
@@ -115,12 +121,16 @@ def gated_act_forward(
         return h
     block_m, block_n, warps = _blocks(N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _act_fwd_kernel[grid](
+    args = (
         x, x if up is None else up, h,
         M, N,
         x.stride(0), 0 if up is None else up.stride(0), h.stride(0),
-        ACT=activation.code, GATED=up is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
+    meta = {"ACT": activation.code, "GATED": up is not None, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    if traced:
+        traced_launch(_act_fwd_kernel, grid, args, meta, num_warps=warps)
+    else:
+        _FWD.launch(plan_key(x, meta, args), grid, args, meta, num_warps=warps)
     return h
 
 
@@ -132,9 +142,11 @@ def gated_act_backward(
     dx: Tensor,
     dup: Tensor | None,
     h: Tensor | None = None,
+    traced: bool = False,
 ) -> None:
     """Writes dx (and dup when gated) of h = act(x) * up given dh, and h itself when given
-    (the training backward needs it for the down-projection's weight gradient); 2-D views [M, N]."""
+    (the training backward needs it for the down-projection's weight gradient); 2-D views [M, N].
+    ``traced``: as for :func:`gated_act_forward`."""
     M, N = x.shape
     for name, t in (("dh", dh), ("x", x), ("up", up), ("dx", dx), ("dup", dup), ("h", h)):
         if t is not None:
@@ -145,11 +157,17 @@ def gated_act_backward(
         return
     block_m, block_n, warps = _blocks(N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _act_bwd_kernel[grid](
+    args = (
         dh, x, x if up is None else up, dx, dx if dup is None else dup, dx if h is None else h,
         M, N,
         dh.stride(0), x.stride(0), 0 if up is None else up.stride(0), dx.stride(0),
         0 if dup is None else dup.stride(0), 0 if h is None else h.stride(0),
-        ACT=activation.code, GATED=up is not None, STORE_H=h is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps,
     )
+    meta = {
+        "ACT": activation.code, "GATED": up is not None, "STORE_H": h is not None,
+        "BLOCK_M": block_m, "BLOCK_N": block_n,
+    }
+    if traced:
+        traced_launch(_act_bwd_kernel, grid, args, meta, num_warps=warps)
+    else:
+        _BWD.launch(plan_key(x, meta, args), grid, args, meta, num_warps=warps)

@@ -59,6 +59,11 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def persistent_programs(work_items: int, device: torch.device, per_sm: int = 1) -> int:
     """Programs of a persistent grid: ``per_sm`` per SM, never more than there is work; under the
     interpreter two, so that the persistent loop still runs more than once."""

@@ -25,6 +25,8 @@ from .state import (
     source_named_tensors,
 )
 
+_PARAM_NAMES = ("in_weight", "in_bias", "out_weight", "out_bias")
+
 
 class _FusedMLPBase(nn.Module):
     """State-dict renaming, from_module and validation shared by the two fused MLPs."""
@@ -76,6 +78,12 @@ class _FusedMLPBase(nn.Module):
         self.reset_parameters()
         self.register_state_dict_post_hook(save_state_dict_hook)
         self.register_load_state_dict_pre_hook(load_state_dict_hook)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self._parameters  # one dict read per parameter (nn.Module.__getattr__ costs more)
+        w_in, b_in, w_out, b_out = p["in_weight"], p.get("in_bias"), p["out_weight"], p.get("out_bias")
+        functional.check_mlp(x, w_in, b_in, w_out, b_out, self.GATED, _PARAM_NAMES)  # type: ignore[arg-type]
+        return functional.run_mlp(x, w_in, b_in, w_out, b_out, self.activation, self.GATED, self.recompute)  # type: ignore[arg-type]
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, applied to each projection."""
@@ -197,10 +205,6 @@ class FusedGatedMLP(_FusedMLPBase):
             hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.gated_mlp(
-            x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation, self.recompute
-        )
 
 
 class FusedMLP(_FusedMLPBase):
@@ -231,10 +235,6 @@ class FusedMLP(_FusedMLPBase):
             hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.mlp(
-            x, self.in_weight, self.in_bias, self.out_weight, self.out_bias, self.activation, self.recompute
-        )
 
 
 class FusedLinearAct(nn.Module):
@@ -243,7 +243,9 @@ class FusedLinearAct(nn.Module):
     Holds the original projection (nn.Linear or Conv1D) under its original child name, so the
     state_dict is unchanged (``dense.weight``, ``dense.bias``) and no weight is copied; the
     activation runs as the fused op. It is what ``fuse`` uses when the second projection of an
-    MLP lives elsewhere (BERT's "output" module adds a residual and a LayerNorm after it).
+    MLP lives elsewhere (BERT's "output" module adds a residual and a LayerNorm after it). The
+    projection's GEMM and the activation run as ONE kernel launch (the GEMM with the activation
+    in its epilogue), forward and, in training, a backward of one pointwise kernel and two GEMMs.
     """
 
     def __init__(self, proj: nn.Module, activation: str | Activation, name: str = "proj") -> None:
@@ -252,6 +254,7 @@ class FusedLinearAct(nn.Module):
         if not name or "." in name:
             raise ValueError(f"FusedLinearAct needs a non-empty child name without dots, got {name!r}")
         self.proj_name = name
+        self._param_names = (f"{name}.weight", f"{name}.bias")
         self.add_module(name, proj)
         self.activation = resolve(activation)
         self.out_features = weight.shape[0]
@@ -260,7 +263,9 @@ class FusedLinearAct(nn.Module):
         return f"activation={self.activation.value}"
 
     def forward(self, x: Tensor) -> Tensor:
-        return functional.act(getattr(self, self.proj_name)(x), self.activation)
+        weight, bias, _ = linear_params(self._modules[self.proj_name])  # type: ignore[arg-type]
+        functional.check_linear(x, weight, bias, self._param_names)
+        return functional.run_linear_act(x, weight, bias, self.activation)
 
     @classmethod
     def from_module(

@@ -73,7 +73,8 @@ class FusedSequentialMLP(nn.Module):
     the weights packed into one zero-padded [L, P, P] buffer: in training (gradients wanted) the
     packing is redone each call (one autograd node), so the gradients land on the
     per-layer parameters; otherwise the packed buffer (with the validated widths) is cached and
-    reused until a parameter changes (its ``_version`` or storage), and a call checks only x.
+    reused while the same parameter objects are there, unchanged (their ``_version`` and address),
+    and a call checks only x.
     Writes through ``p.data`` bypass the version counter: call :meth:`invalidate_packed` after
     those.
     """
@@ -84,7 +85,8 @@ class FusedSequentialMLP(nn.Module):
             self.add_module(name, linear)
         self.activations = [act for _, _, act in layers]
         self._names = [name for name, _, _ in layers]
-        self._packed: tuple[tuple[object, ...], tuple[Tensor, Tensor, list[int], str]] | None = None
+        # ((parameter, its version, its address) per parameter, (w, b, widths, names))
+        self._packed: tuple[tuple[tuple[Tensor, int, int], ...], tuple] | None = None
 
     @classmethod
     def from_module(cls, seq: nn.Sequential) -> FusedSequentialMLP:
@@ -116,9 +118,21 @@ class FusedSequentialMLP(nn.Module):
     def _packed_params(
         self, weights: list[Tensor], biases: list[Tensor | None], params: list[Tensor]
     ) -> tuple[Tensor, Tensor, list[int], str]:
-        """(w, b, widths, names) for the kernel, validated and packed once per parameter state."""
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._packed is None or self._packed[0] != key:
+        """(w, b, widths, names) for the kernel, validated and packed once per parameter state.
+
+        The cache holds the parameter objects themselves and is reused only while the same
+        objects, at the same version and address, are there: a new tensor that happens to get a
+        freed one's address (a swap, load_state_dict(assign=True)) is a different object, an
+        in-place update (an optimizer step, copy_) bumps the version."""
+        cached = self._packed
+        if (
+            cached is None
+            or len(cached[0]) != len(params)
+            or not all(
+                p is q and v == p._version and a == p.data_ptr()
+                for p, (q, v, a) in zip(params, cached[0], strict=True)
+            )
+        ):
             widths, names = functional.narrow_spec(weights, biases, self.activations)
             first = weights[0]
             for name, m in zip(self._names, self.linears, strict=True):
@@ -130,8 +144,9 @@ class FusedSequentialMLP(nn.Module):
                         )
             with torch.no_grad():
                 w, b = functional.pack_narrow_mlp(weights, biases)
-            self._packed = (key, (w, b, widths, names))
-        return self._packed[1]
+            state = tuple((p, p._version, p.data_ptr()) for p in params)
+            cached = self._packed = (state, (w, b, widths, names))
+        return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
         linears = self.linears

@@ -11,7 +11,7 @@ mirroring kernels/:
 
 from . import fused_mlp, narrow, pointwise
 from .dispatch import use_triton
-from .fused_mlp import MLPFunction, mlp, mlp_backward
+from .fused_mlp import LinearActFunction, MLPFunction, linear_act, linear_act_backward, mlp, mlp_backward
 from .narrow import NarrowMLPFunction, PackNarrowFunction, narrow_mlp, narrow_mlp_backward
 from .pointwise import act, act_backward, gated_act, gated_act_backward
 
@@ -20,6 +20,7 @@ PROFILES = [*pointwise.PROFILES, *fused_mlp.PROFILES, *narrow.PROFILES]
 
 __all__ = [
     "PROFILES",
+    "LinearActFunction",
     "MLPFunction",
     "NarrowMLPFunction",
     "PackNarrowFunction",
@@ -27,6 +28,8 @@ __all__ = [
     "act_backward",
     "gated_act",
     "gated_act_backward",
+    "linear_act",
+    "linear_act_backward",
     "mlp",
     "mlp_backward",
     "narrow_mlp",

@@ -22,14 +22,16 @@ except ImportError:  # no Triton on this platform: everything runs the reference
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def use_triton(*tensors: Tensor | None) -> bool:
-    """Whether the Triton kernels serve these tensors (else the reference path does)."""
+def use_triton(*tensors: Tensor | None, traced: bool = False) -> bool:
+    """Whether the Triton kernels serve these tensors (else the reference path does).
+    ``traced``: the call is being traced for torch.compile, where only CUDA kernels can be
+    launched (Inductor's CPU code runs no Triton, the interpreter included)."""
     ts = [t for t in tensors if t is not None]
     if not HAS_TRITON or not all(t.dtype in KERNEL_DTYPES for t in ts):
         return False
     if all(t.is_cuda for t in ts):
         return True
-    return INTERPRETING and all(t.device.type == "cpu" for t in ts)
+    return INTERPRETING and not traced and all(t.device.type == "cpu" for t in ts)
 
 
 def fused_gemm_ok(dtype: torch.dtype) -> bool:

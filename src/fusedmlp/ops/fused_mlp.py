@@ -23,13 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import custom_op
+from torch.library import triton_op
 
 from .. import reference
 from ..activations import Activation
 from ..kernels.profile import KernelProfile
 from ..options import Recompute, kernel_options
-from .dispatch import fused_gemm_ok, use_triton
+from .dispatch import fused_gemm_ok, rows, use_triton
 
 try:
     from ..kernels import gemm_act as _k_gemm
@@ -53,20 +53,31 @@ def mlp_forward(
     gated: bool,
     recompute: Recompute,
     inference: bool,
+    out: Tensor | None = None,
+    traced: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(y, pre, h) for 2-D x [M, D]: ``pre`` (gate|up before the activation) and ``h`` are
-    returned where training at this ``recompute`` level saves them (never in ``inference``)."""
+    returned where training at this ``recompute`` level saves them (never in ``inference``).
+    ``out``: a [M, D_out] buffer (or view) for y. ``traced``: inside a triton_op body."""
     store_pre = not inference and recompute.saves_preactivation
-    if use_triton(x, w_in, b_in, w_out, b_out) and fused_gemm_ok(x.dtype):
-        h, pre = _k_gemm.gemm_act(x, w_in, b_in, act, gated, store_preact=store_pre, allow_tf32=_allow_tf32())
-    elif use_triton(x, w_in, b_in, w_out, b_out):  # fp32: cuBLAS, then the pointwise kernel
+    kernels = use_triton(x, w_in, b_in, w_out, b_out, traced=traced)
+    if kernels and fused_gemm_ok(x.dtype):
+        h, pre = _k_gemm.gemm_act(
+            x, w_in, b_in, act, gated, store_preact=store_pre, allow_tf32=_allow_tf32(), traced=traced
+        )
+    elif kernels:  # fp32: cuBLAS, then the pointwise kernel
         pre = F.linear(x, w_in, b_in)
         H = pre.shape[1] // 2 if gated else pre.shape[1]
-        h = _k_pointwise.gated_act_forward(pre[:, :H], pre[:, H:] if gated else None, act)
+        h = _k_pointwise.gated_act_forward(pre[:, :H], pre[:, H:] if gated else None, act, traced=traced)
     else:
         pre = F.linear(x, w_in, b_in)
         h = reference.gated_act(*reference.split_gate_up(pre), act) if gated else act(pre)
-    y = F.linear(h, w_out, b_out)
+    if out is None:
+        y = F.linear(h, w_out, b_out)
+    elif b_out is None:
+        y = torch.mm(h, w_out.t(), out=out)
+    else:
+        y = torch.addmm(b_out, h, w_out.t(), out=out)
     keep_h = not inference and recompute is Recompute.NONE
     return y, (pre if store_pre else None), (h if keep_h else None)
 
@@ -79,15 +90,18 @@ def _pointwise_backward(
     dgate: Tensor,
     dup: Tensor | None,
     h: Tensor | None,
+    traced: bool = False,
 ) -> None:
     """Writes d(gate) (and d(up) when gated) of h = act(gate) * up given dh, and h where given;
     outputs may alias inputs (in place). The Triton kernel where it serves these tensors, else
     the torch reference."""
-    if use_triton(dh, gate, up):
-        _k_pointwise.gated_act_backward(dh, gate, up, act, dgate, dup, h)
+    if use_triton(dh, gate, up, traced=traced):
+        _k_pointwise.gated_act_backward(dh, gate, up, act, dgate, dup, h, traced=traced)
         return
     if up is None:
-        results = (reference.act_backward(dh, gate, act), None, act(gate) if h is not None else None)
+        # act(gate) is gate itself for the identity: copied, since dgate may overwrite gate
+        h_val = (act(gate) if act is not Activation.IDENTITY else gate.clone()) if h is not None else None
+        results = (reference.act_backward(dh, gate, act), None, h_val)
     else:
         dg, du = reference.gated_act_backward(dh, gate, up, act)
         results = (dg, du, reference.gated_act(gate, up, act) if h is not None else None)
@@ -109,6 +123,7 @@ def mlp_backward_impl(
     has_b_out: bool,
     in_place: bool = False,
     dw_out: Tensor | None = None,
+    traced: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
 
@@ -117,14 +132,15 @@ def mlp_backward_impl(
     ``in_place``: d(gate|up) overwrites ``pre`` (each element is read, then written, by the same
     program), which takes 2H elements per token off the backward's peak memory; ``pre`` is
     garbage afterwards. ``dw_out``: W_out's gradient, already taken by a caller that then freed h.
+    ``traced``: inside a triton_op body.
     """
     options = kernel_options()
     if pre is None and dw_out is None and w_out.shape[1] > options.recompute_block_width:
-        return _backward_recompute_blocks(dy, x, w_in, b_in, w_out, act, gated, has_b_out)
+        return _backward_recompute_blocks(dy, x, w_in, b_in, w_out, act, gated, has_b_out, traced)
     if pre is None:
         pre, in_place = F.linear(x, w_in, b_in), True  # a buffer of our own
     need_h = h is None and dw_out is None
-    if use_triton(dy, pre) and options.fused_backward_gemm and fused_gemm_ok(dy.dtype):
+    if use_triton(dy, pre, traced=traced) and options.fused_backward_gemm and fused_gemm_ok(dy.dtype):
         # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
         dpre, h_new = _k_gemm_bwd.gemm_act_backward(
             dy,
@@ -135,6 +151,7 @@ def mlp_backward_impl(
             dpre=pre if in_place else None,
             store_h=need_h,
             allow_tf32=_allow_tf32(),
+            traced=traced,
         )
         h = h_new if need_h else h
     else:  # cuBLAS dh, then the pointwise backward
@@ -144,7 +161,7 @@ def mlp_backward_impl(
             h = dh if in_place else torch.empty_like(dh)
         H = dh.shape[1]
         up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
-        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None)
+        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None, traced)
         del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
     if dw_out is None:
         # Output projection's gradients first, so that h is freed before the two GEMMs over
@@ -172,6 +189,7 @@ def _backward_recompute_blocks(
     act: Activation,
     gated: bool,
     has_b_out: bool,
+    traced: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """The backward of Recompute.GEMM over blocks of hidden columns j.
 
@@ -192,7 +210,7 @@ def _backward_recompute_blocks(
         pre = [F.linear(x, w_in[r], None if b_in is None else b_in[r]) for r in rows]
         dh = dy @ w_out[:, j0:j1]
         up = pre[1] if gated else None
-        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh)  # in place
+        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh, traced)  # in place
         dpre, h = pre, dh  # gate|up now hold their gradients, dh holds h
         del pre, up, dh
         torch.mm(dy.t(), h, out=dw_out[:, j0:j1])
@@ -206,10 +224,28 @@ def _backward_recompute_blocks(
     return dx.to(x.dtype), dw_in, db_in, dw_out, (dy.sum(0) if has_b_out else None)
 
 
+def _output(x: Tensor, w_out: Tensor) -> tuple[Tensor, Tensor]:
+    """y [..., D_out] for x [..., D], allocated whole (not a view: as eager's F.linear, so that
+    in-place ops on it, `y += x`, are allowed), and its 2-D view for the GEMM to write."""
+    y = x.new_empty((*x.shape[:-1], w_out.shape[0]), dtype=w_out.dtype)
+    return y, y.view(-1, w_out.shape[0])
+
+
+def mlp_inference(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, act: Activation,
+    gated: bool,
+) -> Tensor:
+    """The forward where no gradient is wanted: no autograd node, nothing saved."""
+    y, y2 = _output(x, w_out)
+    mlp_forward(rows(x), w_in, b_in, w_out, b_out, act, gated, Recompute.ACTIVATION, True, out=y2)
+    return y
+
+
 class MLPFunction(torch.autograd.Function):
     """Eager autograd for the MLP. ``torch.library`` custom ops cost ~240 us of CPU per call in
     eager (H100 host, torch 2.11; benchmarks/overhead.py), more than a decode-sized forward
-    takes on the GPU, so eager calls come here; traced code uses the custom op :func:`mlp`."""
+    takes on the GPU, so eager calls come here; traced code uses the custom op :func:`mlp`.
+    x may have any leading dimensions; y has them too."""
 
     @staticmethod
     def forward(
@@ -222,15 +258,16 @@ class MLPFunction(torch.autograd.Function):
         act: Activation,
         gated: bool,
         recompute: Recompute,
-        inference: bool,
     ) -> Tensor:
-        y, pre, h = mlp_forward(x, w_in, b_in, w_out, b_out, act, gated, recompute, inference)
-        if not inference:
-            ctx.meta = (act, gated, b_out is not None)
-            ctx.save_for_backward(x, w_in, b_in, w_out, pre)
-            # h (Recompute.NONE) is held apart from the saved tensors so that the backward can
-            # free it as soon as W_out's gradient is taken, before it allocates its own buffers
-            ctx.h = h
+        y, y2 = _output(x, w_out)
+        x2 = rows(x)
+        _, pre, h = mlp_forward(x2, w_in, b_in, w_out, b_out, act, gated, recompute, False, out=y2)
+        ctx.meta = (act, gated, b_out is not None)
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x2, w_in, b_in, w_out, pre)
+        # h (Recompute.NONE) is held apart from the saved tensors so that the backward can
+        # free it as soon as W_out's gradient is taken, before it allocates its own buffers
+        ctx.h = h
         return y
 
     @staticmethod
@@ -242,14 +279,14 @@ class MLPFunction(torch.autograd.Function):
             )
         ctx.consumed = True
         x, w_in, b_in, w_out, pre = ctx.saved_tensors
-        dy = dy.contiguous()
+        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
         h, ctx.h = ctx.h, None
         dw_out = dy.t() @ h if h is not None else None
         del h  # its last reference: the peak below no longer holds [tokens, H] of h
-        grads = mlp_backward_impl(
+        dx, *grads = mlp_backward_impl(
             dy, x, w_in, b_in, w_out, pre, None, *ctx.meta, in_place=True, dw_out=dw_out
         )
-        return (*grads, None, None, None, None)
+        return (dx.view(ctx.x_shape), *grads, None, None, None)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -260,7 +297,18 @@ def _or_none(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 else t
 
 
-@custom_op("fusedmlp::mlp", mutates_args=())
+def _mlp(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, activation: str,
+    gated: bool, recompute: str, inference: bool, traced: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, pre, h = mlp_forward(
+        x, w_in, b_in, w_out, b_out, Activation(activation), gated, Recompute(recompute), inference,
+        traced=traced,
+    )
+    return y, _or_empty(pre, x), _or_empty(h, x)
+
+
+@triton_op("fusedmlp::mlp", mutates_args=())
 def mlp(
     x: Tensor,
     w_in: Tensor,
@@ -273,11 +321,14 @@ def mlp(
     inference: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, pre, h) for 2-D x [M, D]; ``pre`` and ``h`` are empty unless training at the
-    ``recompute`` level saves them."""
-    y, pre, h = mlp_forward(
-        x, w_in, b_in, w_out, b_out, Activation(activation), gated, Recompute(recompute), inference
-    )
-    return y, _or_empty(pre, x), _or_empty(h, x)
+    ``recompute`` level saves them. A triton_op: under torch.compile the kernels are launched
+    from Inductor's generated code (ops/pointwise.py says how the op dispatches)."""
+    return _mlp(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, traced=True)
+
+
+@mlp.register_kernel("cpu")
+def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference):  # type: ignore[no-untyped-def]
+    return _mlp(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, traced=False)
 
 
 @mlp.register_fake
@@ -290,7 +341,18 @@ def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference):  # 
     return x.new_empty(x.shape[0], w_out.shape[0]), pre, h
 
 
-@custom_op("fusedmlp::mlp_backward", mutates_args=())
+def _mlp_backward(
+    dy: Tensor, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, pre: Tensor, h: Tensor,
+    activation: str, gated: bool, has_b_out: bool, traced: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
+        dy.contiguous(), x, w_in, b_in, w_out, _or_none(pre), _or_none(h), Activation(activation), gated,
+        has_b_out, traced=traced,
+    )
+    return dx, dw_in, _or_empty(db_in, x), dw_out, _or_empty(db_out, x)
+
+
+@triton_op("fusedmlp::mlp_backward", mutates_args=())
 def mlp_backward(
     dy: Tensor,
     x: Tensor,
@@ -305,10 +367,12 @@ def mlp_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; empty ``pre``/``h`` mean recompute
     them; absent biases get empty gradients."""
-    dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
-        dy, x, w_in, b_in, w_out, _or_none(pre), _or_none(h), Activation(activation), gated, has_b_out
-    )
-    return dx, dw_in, _or_empty(db_in, x), dw_out, _or_empty(db_out, x)
+    return _mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, traced=True)
+
+
+@mlp_backward.register_kernel("cpu")
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out):  # type: ignore[no-untyped-def]
+    return _mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, traced=False)
 
 
 @mlp_backward.register_fake
@@ -333,17 +397,141 @@ def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor |
     if inference:
         raise RuntimeError("fusedmlp::mlp ran in inference mode (nothing saved), so it cannot run backward")
     x, w_in, b_in, w_out, pre, h = ctx.saved_tensors
-    dx, dw_in, db_in, dw_out, db_out = mlp_backward(
-        dy.contiguous(), x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out
-    )
+    grads = mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out)
+    dx, dw_in, db_in, dw_out, db_out = grads
     db_in_ = db_in if b_in is not None else None
     return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, None, None, None, None)
 
 
 mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
 
+# ---------------------------------------------------------------------------------------------
+# a lone projection and its activation: h = act(x W^T + b) (BERT/ViT "intermediate"), the same
+# GEMM with the activation in its epilogue; the backward is the MLP's without the output layer
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_act_forward(
+    x: Tensor, w: Tensor, b: Tensor | None, act: Activation, save: bool, traced: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """(h, pre) for 2-D x: h = act(x w^T + b) by one GEMM launch where the kernels serve it;
+    ``pre`` (for the backward) when ``save``."""
+    if use_triton(x, w, b, traced=traced) and fused_gemm_ok(x.dtype):
+        tf32 = _allow_tf32()
+        return _k_gemm.gemm_act(x, w, b, act, False, store_preact=save, allow_tf32=tf32, traced=traced)
+    pre = F.linear(x, w, b)
+    if use_triton(x, w, b, traced=traced):  # fp32: cuBLAS, then the pointwise kernel
+        h = _k_pointwise.gated_act_forward(pre, None, act, traced=traced)
+    else:
+        h = act(pre)
+        h = pre.clone() if h is pre else h  # identity: h must not be the buffer the backward reuses
+    return h, (pre if save else None)
+
+
+def linear_act_backward_impl(
+    dh: Tensor, x: Tensor, w: Tensor, pre: Tensor, act: Activation, has_bias: bool, in_place: bool,
+    traced: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dx, dw, db) of h = act(x w^T + b): dpre = dh * act'(pre) (over pre when ``in_place``),
+    then dx = dpre w and dw = dpre^T x, one GEMM each."""
+    dpre = pre if in_place else torch.empty_like(pre)
+    _pointwise_backward(dh, pre, None, act, dpre, None, None, traced)
+    return dpre @ w, dpre.t() @ x, (dpre.sum(0) if has_bias else None)
+
+
+class LinearActFunction(torch.autograd.Function):
+    """Eager autograd of the fused linear + activation (as MLPFunction is of the MLP)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, act: Activation) -> Tensor:
+        x2 = rows(x)
+        h, pre = linear_act_forward(x2, w, b, act, save=True)
+        ctx.act, ctx.has_bias, ctx.x_shape = act, b is not None, x.shape
+        ctx.save_for_backward(x2, w, pre)
+        return h.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, pre = ctx.saved_tensors
+        dh = dh.reshape(-1, dh.shape[-1]).contiguous()
+        dx, dw, db = linear_act_backward_impl(dh, x, w, pre.clone(), ctx.act, ctx.has_bias, in_place=True)
+        return dx.view(ctx.x_shape), dw, db, None
+
+
+def linear_act_inference(x: Tensor, w: Tensor, b: Tensor | None, act: Activation) -> Tensor:
+    h, _ = linear_act_forward(rows(x), w, b, act, save=False)
+    return h.view(*x.shape[:-1], w.shape[0])
+
+
+def _linear_act(
+    x: Tensor, w: Tensor, b: Tensor | None, activation: str, save: bool, traced: bool
+) -> tuple[Tensor, Tensor]:
+    h, pre = linear_act_forward(x, w, b, Activation(activation), save, traced=traced)
+    return h, _or_empty(pre, x)
+
+
+@triton_op("fusedmlp::linear_act", mutates_args=())
+def linear_act(x: Tensor, w: Tensor, b: Tensor | None, activation: str, save: bool) -> tuple[Tensor, Tensor]:
+    """(h, pre) for 2-D x: h = act(x w^T + b); pre (the GEMM's output) when ``save``, else empty."""
+    return _linear_act(x, w, b, activation, save, traced=True)
+
+
+@linear_act.register_kernel("cpu")
+def _(x, w, b, activation, save):  # type: ignore[no-untyped-def]
+    return _linear_act(x, w, b, activation, save, traced=False)
+
+
+@linear_act.register_fake
+def _(x, w, b, activation, save):  # type: ignore[no-untyped-def]
+    pre = x.new_empty(x.shape[0], w.shape[0]) if save else x.new_empty(0)
+    return x.new_empty(x.shape[0], w.shape[0]), pre
+
+
+@triton_op("fusedmlp::linear_act_backward", mutates_args=())
+def linear_act_backward(
+    dh: Tensor, x: Tensor, w: Tensor, pre: Tensor, activation: str, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) of :func:`linear_act` (db empty without a bias)."""
+    dx, dw, db = linear_act_backward_impl(
+        dh.contiguous(), x, w, pre, Activation(activation), has_bias, in_place=False, traced=True
+    )
+    return dx, dw, _or_empty(db, x)
+
+
+@linear_act_backward.register_kernel("cpu")
+def _(dh, x, w, pre, activation, has_bias):  # type: ignore[no-untyped-def]
+    dx, dw, db = linear_act_backward_impl(dh.contiguous(), x, w, pre, Activation(activation), has_bias, False)
+    return dx, dw, _or_empty(db, x)
+
+
+@linear_act_backward.register_fake
+def _(dh, x, w, pre, activation, has_bias):  # type: ignore[no-untyped-def]
+    db = w.new_empty(w.shape[0]) if has_bias else x.new_empty(0)
+    return x.new_empty(x.shape), w.new_empty(w.shape), db
+
+
+def _linear_act_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, w, b, activation, save = inputs
+    ctx.meta = (activation, b is not None, save)
+    ctx.save_for_backward(x, w, output[1])
+
+
+def _linear_act_bwd(ctx: Any, dh: Tensor, _dpre: Tensor) -> tuple[Tensor | None, ...]:
+    activation, has_bias, save = ctx.meta
+    if not save:
+        raise RuntimeError("fusedmlp::linear_act ran without saving (no gradient wanted): it has no backward")
+    x, w, pre = ctx.saved_tensors
+    dx, dw, db = linear_act_backward(dh, x, w, pre, activation, has_bias)
+    return dx, dw, (db if has_bias else None), None, None
+
+
+linear_act.register_autograd(_linear_act_bwd, setup_context=_linear_act_setup)
+
 # On a CPU trace (no GPU kernels) the ops stand in for the kernels they launch.
 PROFILES = [
     KernelProfile("fusedmlp::mlp", "MLP forward", gemm=True),
     KernelProfile("fusedmlp::mlp_backward", "MLP backward", gemm=True),
+    KernelProfile("fusedmlp::linear_act", "linear + activation forward", gemm=True),
+    KernelProfile("fusedmlp::linear_act_backward", "linear + activation backward", gemm=True),
 ]

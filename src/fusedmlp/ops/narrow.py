@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.library import custom_op
+from torch.library import triton_op
 
 from .. import reference
 from ..activations import Activation
@@ -31,27 +31,33 @@ def activations_of(names: str) -> list[Activation]:
     return [Activation(a) for a in names.split(",")]
 
 
-def _narrow_on_triton(x: Tensor, w: Tensor, b: Tensor, widths: list[int], backward: bool = False) -> bool:
+def _narrow_on_triton(
+    x: Tensor, w: Tensor, b: Tensor, widths: list[int], backward: bool = False, traced: bool = False
+) -> bool:
     """Whether the forward (or the backward) kernel serves this stack; else the torch reference."""
-    if max(widths) > narrow_pack.MAX_WIDTH or not use_triton(x, w, b):
+    if max(widths) > narrow_pack.MAX_WIDTH or not use_triton(x, w, b, traced=traced):
         return False
     return _k_narrow.kernel_fits(w.shape[-1], x.dtype, layers=len(widths) - 1 if backward else None)
 
 
-def _narrow_mlp_forward(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+def narrow_mlp_forward(
+    x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str, traced: bool = False
+) -> Tensor:
     acts = activations_of(activations)
-    if not _narrow_on_triton(x, w, b, widths):
+    if not _narrow_on_triton(x, w, b, widths, traced=traced):
         weights, biases = narrow_pack.unpack(w, b, widths)
         return reference.narrow_mlp(x, weights, list(biases), list(acts))
-    y = _k_narrow.narrow_mlp_forward(x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts)
+    y = _k_narrow.narrow_mlp_forward(
+        x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts, traced=traced
+    )
     return y.view(*x.shape[:-1], widths[-1])
 
 
-def _narrow_mlp_backward(
-    grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
+def narrow_mlp_backward_impl(
+    grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str, traced: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     acts = activations_of(activations)
-    if not _narrow_on_triton(x, w, b, widths, backward=True):
+    if not _narrow_on_triton(x, w, b, widths, backward=True, traced=traced):
         weights, biases = narrow_pack.unpack(w, b, widths)
         dx, dws, dbs = reference.narrow_mlp_backward(grad, x, weights, list(biases), list(acts))
         dw, db = torch.zeros_like(w), torch.zeros_like(b)
@@ -60,17 +66,24 @@ def _narrow_mlp_backward(
             dst_b.copy_(src_b)
         return dx, dw, db
     dx, dw, db = _k_narrow.narrow_mlp_backward(
-        grad.reshape(-1, widths[-1]), x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts
+        grad.reshape(-1, widths[-1]), x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts,
+        traced=traced,
     )
     return dx.view(x.shape), dw, db
 
 
-@custom_op("fusedmlp::narrow_mlp", mutates_args=())
+@triton_op("fusedmlp::narrow_mlp", mutates_args=())
 def narrow_mlp(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
     """y [..., D_L] of the stack over x [..., D_0]; ``w`` [L, P, P] and ``b`` [L, P] zero-padded,
     ``widths`` = [D_0, ..., D_L], ``activations`` one name per layer, comma-separated ("identity"
-    for none; a comma-joined str because custom ops take no list of strings)."""
-    return _narrow_mlp_forward(x, w, b, widths, activations)
+    for none; a comma-joined str because custom ops take no list of strings). A triton_op, as
+    the ops of ops/pointwise.py."""
+    return narrow_mlp_forward(x, w, b, widths, activations, traced=True)
+
+
+@narrow_mlp.register_kernel("cpu")
+def _(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
+    return narrow_mlp_forward(x, w, b, widths, activations)
 
 
 @narrow_mlp.register_fake
@@ -78,12 +91,19 @@ def _(x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> T
     return x.new_empty((*x.shape[:-1], widths[-1]))
 
 
-@custom_op("fusedmlp::narrow_mlp_backward", mutates_args=())
+@triton_op("fusedmlp::narrow_mlp_backward", mutates_args=())
 def narrow_mlp_backward(
     grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw [L, P, P], db [L, P]) of :func:`narrow_mlp`; padded entries of dw and db are zero."""
-    return _narrow_mlp_backward(grad, x, w, b, widths, activations)
+    return narrow_mlp_backward_impl(grad.contiguous(), x, w, b, widths, activations, traced=True)
+
+
+@narrow_mlp_backward.register_kernel("cpu")
+def _(
+    grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    return narrow_mlp_backward_impl(grad.contiguous(), x, w, b, widths, activations)
 
 
 @narrow_mlp_backward.register_fake
@@ -148,11 +168,11 @@ class NarrowMLPFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, widths: list[int], activations: str) -> Tensor:
         ctx.widths, ctx.activations = widths, activations
         ctx.save_for_backward(x, w, b)
-        return _narrow_mlp_forward(x, w, b, widths, activations)
+        return narrow_mlp_forward(x, w, b, widths, activations)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w, b = ctx.saved_tensors
-        dx, dw, db = _narrow_mlp_backward(grad, x, w, b, ctx.widths, ctx.activations)
+        dx, dw, db = narrow_mlp_backward_impl(grad, x, w, b, ctx.widths, ctx.activations)
         return dx, dw, db, None, None

@@ -1,9 +1,14 @@
 """The (gated) activation as ops: h = act(gate) * up, or h = act(x), forward and backward.
 
-Kernels: kernels/pointwise.py; eager twin: reference.gated_act / Activation.__call__. Each op has
-a fake implementation (torch.compile traces through it) and a registered autograd formula.
+Kernels: kernels/pointwise.py; eager twin: reference.gated_act / Activation.__call__.
 ``activation`` is an :class:`~fusedmlp.activations.Activation` value (the canonical name): the
 functional layer resolves user names once.
+
+Each op is a ``torch.library.triton_op``: under torch.compile its body is traced and its
+kernels, launched through ``wrap_triton``, are launched from Inductor's own generated code (on a
+CPU, where Inductor runs no Triton, the body traces the reference). Called eagerly, CUDA
+tensors run the same body and CPU tensors the registered CPU kernel: Triton's interpreter where
+it is on (CI), else the reference. Each op has a fake implementation and registered autograd.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from torch.library import custom_op
+from torch.library import triton_op
 
 from .. import reference
 from ..activations import Activation
@@ -24,12 +29,10 @@ except ImportError:  # no Triton: use_triton() is False everywhere
     _k = None  # type: ignore[assignment]
 
 
-@custom_op("fusedmlp::gated_act", mutates_args=())
-def gated_act(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
-    """h = act(gate) * up. With ``up=None``, ``gate`` is the merged [..., 2H] gate|up tensor."""
+def _gated_act(gate: Tensor, up: Tensor | None, activation: str, traced: bool) -> Tensor:
     act = Activation(activation)
     g, u = reference.split_gate_up(gate) if up is None else (gate, up)
-    if not use_triton(g, u):
+    if not use_triton(g, u, traced=traced):
         return reference.gated_act(g, u, act)
     if up is None:
         gu = rows(gate)
@@ -37,7 +40,18 @@ def gated_act(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
         g2, u2 = gu[:, :H], gu[:, H:]
     else:
         g2, u2 = rows(gate), rows(up)
-    return _k.gated_act_forward(g2, u2, act).view(g.shape)
+    return _k.gated_act_forward(g2, u2, act, traced=traced).view(g.shape)
+
+
+@triton_op("fusedmlp::gated_act", mutates_args=())
+def gated_act(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
+    """h = act(gate) * up. With ``up=None``, ``gate`` is the merged [..., 2H] gate|up tensor."""
+    return _gated_act(gate, up, activation, traced=True)
+
+
+@gated_act.register_kernel("cpu")
+def _(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
+    return _gated_act(gate, up, activation, traced=False)
 
 
 @gated_act.register_fake
@@ -46,14 +60,12 @@ def _(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
     return gate.new_empty(shape)
 
 
-@custom_op("fusedmlp::gated_act_backward", mutates_args=())
-def gated_act_backward(
-    grad: Tensor, gate: Tensor, up: Tensor | None, activation: str
+def _gated_act_backward(
+    grad: Tensor, gate: Tensor, up: Tensor | None, activation: str, traced: bool
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`gated_act`: (d gate|up merged, empty) with ``up=None``, else (d gate, d up)."""
     act = Activation(activation)
     g, u = reference.split_gate_up(gate) if up is None else (gate, up)
-    if not use_triton(grad, g, u):
+    if not use_triton(grad, g, u, traced=traced):
         dg, du = reference.gated_act_backward(grad, g, u, act)
         if up is None:
             return reference.merge_gate_up(dg, du), gate.new_empty(0)
@@ -63,12 +75,25 @@ def gated_act_backward(
         gu = rows(gate)
         H = gu.shape[1] // 2
         dgu = gu.new_empty(gu.shape)
-        _k.gated_act_backward(grad2, gu[:, :H], gu[:, H:], act, dgu[:, :H], dgu[:, H:])
+        _k.gated_act_backward(grad2, gu[:, :H], gu[:, H:], act, dgu[:, :H], dgu[:, H:], traced=traced)
         return dgu.view(gate.shape), gate.new_empty(0)
     dg, du = gate.new_empty(gate.shape), up.new_empty(up.shape)
     H = gate.shape[-1]
-    _k.gated_act_backward(grad2, rows(gate), rows(up), act, dg.view(-1, H), du.view(-1, H))
+    _k.gated_act_backward(grad2, rows(gate), rows(up), act, dg.view(-1, H), du.view(-1, H), traced=traced)
     return dg, du
+
+
+@triton_op("fusedmlp::gated_act_backward", mutates_args=())
+def gated_act_backward(
+    grad: Tensor, gate: Tensor, up: Tensor | None, activation: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`gated_act`: (d gate|up merged, empty) with ``up=None``, else (d gate, d up)."""
+    return _gated_act_backward(grad.contiguous(), gate, up, activation, traced=True)
+
+
+@gated_act_backward.register_kernel("cpu")
+def _(grad: Tensor, gate: Tensor, up: Tensor | None, activation: str) -> tuple[Tensor, Tensor]:
+    return _gated_act_backward(grad.contiguous(), gate, up, activation, traced=False)
 
 
 @gated_act_backward.register_fake
@@ -94,13 +119,23 @@ def _gated_act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]
 gated_act.register_autograd(_gated_act_bwd, setup_context=_gated_act_setup)
 
 
-@custom_op("fusedmlp::act", mutates_args=())
+def _act(x: Tensor, activation: str, traced: bool) -> Tensor:
+    a = Activation(activation)
+    if not use_triton(x, traced=traced):
+        h = a(x)
+        return x.clone() if h is x else h  # identity: an op's output may not alias its input
+    return _k.gated_act_forward(rows(x), None, a, traced=traced).view(x.shape)
+
+
+@triton_op("fusedmlp::act", mutates_args=())
 def act(x: Tensor, activation: str) -> Tensor:
     """h = act(x)."""
-    a = Activation(activation)
-    if not use_triton(x):
-        return a(x)
-    return _k.gated_act_forward(rows(x), None, a).view(x.shape)
+    return _act(x, activation, traced=True)
+
+
+@act.register_kernel("cpu")
+def _(x: Tensor, activation: str) -> Tensor:
+    return _act(x, activation, traced=False)
 
 
 @act.register_fake
@@ -108,15 +143,24 @@ def _(x: Tensor, activation: str) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@custom_op("fusedmlp::act_backward", mutates_args=())
-def act_backward(grad: Tensor, x: Tensor, activation: str) -> Tensor:
-    """d x of :func:`act`."""
+def _act_backward(grad: Tensor, x: Tensor, activation: str, traced: bool) -> Tensor:
     a = Activation(activation)
-    if not use_triton(grad, x):
+    if not use_triton(grad, x, traced=traced):
         return reference.act_backward(grad, x, a)
     dx = x.new_empty(x.shape)
-    _k.gated_act_backward(rows(grad), rows(x), None, a, dx.view(-1, x.shape[-1]), None)
+    _k.gated_act_backward(rows(grad), rows(x), None, a, dx.view(-1, x.shape[-1]), None, traced=traced)
     return dx
+
+
+@triton_op("fusedmlp::act_backward", mutates_args=())
+def act_backward(grad: Tensor, x: Tensor, activation: str) -> Tensor:
+    """d x of :func:`act`."""
+    return _act_backward(grad.contiguous(), x, activation, traced=True)
+
+
+@act_backward.register_kernel("cpu")
+def _(grad: Tensor, x: Tensor, activation: str) -> Tensor:
+    return _act_backward(grad.contiguous(), x, activation, traced=False)
 
 
 @act_backward.register_fake
