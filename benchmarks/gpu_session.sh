@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# One device call: environment, the test suite on the GPU, then the benchmark.
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [pytest|bench|all] [bench args...]
+# One device call, in stages, each bounded by its own timeout so that one slow stage cannot take
+# the others' results with it; every stage writes under $OUT as it goes.
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh STAGE [STAGE ...]
+#   gputests   the gpu-marked tests                       alltests   the whole suite on the GPU
+#   compare    GPU time of the fused MLP, this tree vs .baseline/src (benchmarks/compare_trees.py)
+#   sweep      forward wall/host/GPU per variant over M = 1..8192 (llama3-8b, geglu-article, gpt2)
+#   train      forward and forward+backward, peak memory (geglu-article, llama3-8b, the narrow MLP)
+#   e2e        Hugging Face models end to end (fusedmlp bench --hf-config ...)
+#   gluon      the Gluon Hopper kernels' check and timings
 set -uo pipefail
-what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
@@ -10,11 +16,28 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/env.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
-if [[ $what == pytest || $what == all ]]; then
-  timeout 300 python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
-fi
-if [[ $what == bench || $what == all ]]; then
-  python3 -m fusedmlp bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
-fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for stage in "$@"; do
+  echo "== $stage $(date +%T)"
+  case $stage in
+    gputests) timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 ;;
+    alltests) timeout 280 python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -8 ;;
+    compare) timeout 60 python3 benchmarks/compare_trees.py .baseline/src src --out "$OUT/compare.json" ;;
+    sweep)
+      timeout 240 python3 -m fusedmlp bench --out "$OUT/fwd" --preset llama3-8b --preset geglu-article \
+        --preset gpt2 --tokens 1,16,256,4096,8192 --variants eager,compile,fusedmlp,'compile(fusedmlp)' \
+        2>&1 | grep -v "^\s*$" | tail -4 ;;
+    train)
+      timeout 170 python3 -m fusedmlp bench --out "$OUT/train" --train --preset geglu-article --preset llama3-8b \
+        --preset narrow-mlp --variants floor,eager,compile,liger,fusedmlp,'compile(fusedmlp)' 2>&1 | tail -3 ;;
+    e2e)
+      timeout 370 python3 -m fusedmlp bench --out "$OUT/e2e" --train --hf-config gpt2 --hf-config bert-base \
+        --hf-config qwen2-0.5b-like --hf-config llama3-8b-2layers 2>&1 | grep -E "^[a-z].*batch|wrote|Error" ;;
+    gluon)
+      (cd .scratch/gluon && timeout 60 python3 gpu_check.py --quick 2>&1 | tail -25 \
+        && OUT=$OUT timeout 120 python3 gpu_check.py 2>&1 | tail -30) ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "== done $(date +%T)"

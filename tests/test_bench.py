@@ -48,10 +48,10 @@ def test_report_rendering(tmp_path):
                 "bias": False,
                 "dtype": "bfloat16",
                 "variants": {
-                    "floor": {"us": 180.0, "vs_floor": 1.0},
-                    "eager": {"us": 260.0, "vs_floor": 260 / 180, "rel_err": 2e-3, "tflops": 440.0},
+                    "floor": {"wall_us": 180.0, "vs_floor": 1.0},
+                    "eager": {"wall_us": 260.0, "vs_floor": 260 / 180, "rel_err": 2e-3, "tflops": 440.0},
                     "liger": {"skipped": "not importable"},
-                    "fusedmlp": {"us": 200.0, "vs_floor": 200 / 180, "rel_err": 1e-3, "tflops": 580.0},
+                    "fusedmlp": {"wall_us": 200.0, "vs_floor": 200 / 180, "rel_err": 1e-3, "tflops": 580.0},
                 },
             }
         ],

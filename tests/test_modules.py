@@ -318,3 +318,28 @@ def test_fused_backward_gemm_path_meets_the_contract(recompute):
     fused = FusedGatedMLP.from_module(eager, recompute=recompute)
     with options.override(fused_backward_gemm=True):
         check_module_contract(eager, fused, torch.randn(2, 5, 43, device=DEVICE).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", [Activation.GELU, Activation.GELU_TANH, Activation.RELU, Activation.IDENTITY])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_linear_act_is_one_gemm_with_the_contract(act, dtype, conv1d):
+    """A lone projection and its activation (BERT's intermediate): output and every gradient."""
+    from fusedmlp import FusedLinearAct
+    from fusedmlp.activations import module_for
+
+    proj = Conv1D(97, 43) if conv1d else nn.Linear(43, 97)
+    block = nn.Sequential(proj, module_for(act) or nn.Identity()).to(DEVICE, dtype)
+    fused = FusedLinearAct.from_module(block, name="0", activation=act)
+    x = torch.randn(2, 5, 43, device=DEVICE).to(dtype)
+    grad = torch.randn(2, 5, 97, device=DEVICE).to(dtype)
+    ref64 = copy.deepcopy(block).double()
+    outs = {}
+    runs = (("fused", fused, x, grad), ("eager", block, x, grad), ("ref", ref64, x.double(), grad.double()))
+    for name, m, xx, g in runs:
+        m.zero_grad(set_to_none=True)
+        y, dx = _run(m, xx, g)
+        p = m[0] if isinstance(m, nn.Sequential) else getattr(m, "0")
+        outs[name] = (y, dx, p.weight.grad.clone(), p.bias.grad.clone())
+    for i, what in enumerate(("y", "dx", "d weight", "d bias")):
+        assert_contract(what, outs["fused"][i], outs["eager"][i], outs["ref"][i])

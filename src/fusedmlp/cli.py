@@ -37,6 +37,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     if not torch.cuda.is_available():
         console.print("[red]fusedmlp bench needs a CUDA GPU[/red] (use `fusedmlp profile` on a CPU)")
         return 2
+    if args.hf_config:
+        return _bench_e2e(args, console)
     variants = tuple(args.variants.split(",")) if args.variants else BENCH_VARIANTS
     dtype = _DTYPES[args.dtype or "bf16"]
     names = args.preset or ["geglu-article", "llama3-8b", "llama3-8b-decode", "gpt2"]
@@ -46,7 +48,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     record: dict = {"env": run.environment(), "peaks": peaks, "cases": []}
     for name in names:
         preset = get_preset(name)
-        for m in [args.tokens] if args.tokens else PRESET_TOKENS.get(name, (preset.tokens,)):
+        for m in args.tokens or PRESET_TOKENS.get(name, (preset.tokens,)):
             p = preset if m == preset.tokens else preset.with_tokens(m)
             console.print(f"[bold]{p.name}[/bold] M={p.tokens}")
             record["cases"].append(run.run_case(p, dtype, variants, peaks, train=args.train))
@@ -59,6 +61,42 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     report.plot(record, path.with_suffix(".png"))
     console.print(f"wrote {path} (+ .md, .png)")
     return 0
+
+
+def _bench_e2e(args: argparse.Namespace, console: Console) -> int:
+    """Whole Hugging Face models (bench/e2e.py), one record for all of them."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .bench import e2e, run
+
+    variants = tuple(args.variants.split(",")) if args.variants else e2e.VARIANTS
+    record: dict = {"env": run.environment(), "models": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e-{record['env']['date'].replace(':', '').replace('-', '')[:13]}.json"
+    for name in args.hf_config:
+        spec = e2e.MODELS.get(name) or e2e.Model(name, {}, args.batch or 8, args.seq or 512)
+        spec = dataclasses.replace(spec, batch=args.batch or spec.batch, seq=args.seq or spec.seq)
+        e2e.MODELS[name] = spec
+        console.print(f"[bold]{name}[/bold] batch {spec.batch} seq {spec.seq}")
+        record["models"].append(e2e.run_model(name, variants, args.train))
+        console.print_json(json.dumps(record["models"][-1]["variants"]))
+        path.write_text(json.dumps(record, indent=1))  # after every model: a timeout keeps what finished
+    console.print(f"wrote {path}")
+    return 0
+
+
+def _token_list(text: str) -> list[int]:
+    """--tokens for bench: one positive int or a comma-separated list of them."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas: {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _fuse_hf(args: argparse.Namespace, console: Console) -> int:
@@ -122,10 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=_profile)
     bench = sub.add_parser("bench", help="side-by-side speed, memory and accuracy on the GPU")
     bench.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable")
-    bench.add_argument("--tokens", type=int)
+    bench.add_argument(
+        "--tokens", type=_token_list, help="M, or several: 1,16,256 (default: the preset's)"
+    )
     bench.add_argument("--dtype", choices=sorted(_DTYPES))
     bench.add_argument("--variants", help="comma-separated, from: " + ", ".join(ALL_VARIANTS))
     bench.add_argument("--train", action="store_true", help="also time forward+backward and peak memory")
+    bench.add_argument(
+        "--hf-config",
+        action="append",
+        metavar="MODEL",
+        help="end to end: a Hugging Face model from its config (gpt2, bert-base, qwen2-0.5b-like, "
+        "llama3-8b-2layers, or a model type with its default sizes); repeatable",
+    )
+    bench.add_argument("--batch", type=int, help="end to end: batch size (default: the model's)")
+    bench.add_argument("--seq", type=int, help="end to end: sequence length (default: the model's)")
     bench.add_argument("--out", default="benchmarks/results")
     bench.set_defaults(func=_bench)
     rep = sub.add_parser(

@@ -13,15 +13,21 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 _COLUMNS = (
-    ("us", "fwd us", ".1f"),
-    ("graph_us", "CUDA-graph us", ".1f"),
-    ("vs_floor", "vs floor", ".2f"),
+    ("wall_us", "wall us", ".1f"),
+    ("host_us", "host us", ".1f"),
+    ("graph_us", "GPU us (graph)", ".1f"),
+    ("wall_vs_eager", "wall / eager", ".2f"),
+    ("wall_vs_compile", "wall / compile", ".2f"),
+    ("vs_floor", "GPU / floor", ".2f"),
     ("tflops", "TFLOP/s", ".0f"),
     ("pct_peak_flops", "% peak", ".0f"),
     ("pct_copy_bw_weights", "% copy bw (weights)", ".0f"),
     ("rel_err", "rel err", ".1e"),
-    ("train_us", "fwd+bwd us", ".1f"),
-    ("train_graph_us", "fwd+bwd CUDA-graph us", ".1f"),
+    ("train_wall_us", "fwd+bwd wall us", ".1f"),
+    ("train_host_us", "fwd+bwd host us", ".1f"),
+    ("train_graph_us", "fwd+bwd GPU us (graph)", ".1f"),
+    ("train_wall_vs_eager", "fwd+bwd wall / eager", ".2f"),
+    ("train_wall_vs_compile", "fwd+bwd wall / compile", ".2f"),
     ("train_extra_peak_mib", "extra peak MiB", ".1f"),
 )
 
@@ -71,51 +77,39 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def _gpu_ratio(case: dict[str, Any], name: str) -> float | None:
-    """GPU time over the floor's: CUDA-graph times when both exist (host overhead removed), else
-    the do_bench medians."""
-    r, floor = case["variants"].get(name, {}), case["variants"].get("floor", {})
-    for key in ("graph_us", "us"):
-        if r.get(key) and floor.get(key):
-            return r[key] / floor[key]
-    return None
+def _ratio(case: dict[str, Any], name: str, key: str, base: str) -> float | None:
+    r, b = case["variants"].get(name, {}), case["variants"].get(base, {})
+    return r[key] / b[key] if r.get(key) and b.get(key) else None
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    """Forward GPU time relative to the cuBLAS floor, per case and variant (lower is better)."""
+    """Two panels per case and variant (lower is better): GPU time (CUDA graph) over the cuBLAS
+    floor's, and wall time (back-to-back, host included) over eager's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in record["cases"] if "us" in c["variants"].get("floor", {})]
-    names = [
-        n
-        for n in (
-            "eager",
-            "eager-merged",
-            "compile",
-            "compile-max-autotune",
-            "liger",
-            "fusedmlp",
-            "fusedmlp-none",
-            "fusedmlp-gemm",
-        )
-        if any(_gpu_ratio(c, n) for c in cases)
-    ]
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cases)), 4))
-    width = 0.8 / max(len(names), 1)
-    for i, n in enumerate(names):
-        vals = [_gpu_ratio(c, n) or 0 for c in cases]
-        ax.bar([j + i * width for j in range(len(cases))], vals, width, label=n)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"{c['preset'].split('@')[0]}\nM={c['M']}" for c in cases], fontsize=8)
-    ax.set_ylabel("forward GPU time / cuBLAS GEMM floor")
-    ax.set_title(
-        f"{record['env']['gpu']}, {cases[0]['dtype'] if cases else ''} (CUDA-graph times where measured)"
+    from ..cases.variants import ALL_VARIANTS
+
+    cases = record["cases"]
+    panels = (
+        ("graph_us", "floor", "forward GPU time / cuBLAS GEMM floor (CUDA graph)"),
+        ("wall_us", "eager", "forward wall time / eager's (back-to-back, host included)"),
     )
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3.2 * len(cases)), 4.2))
+    for ax, (key, base, title) in zip(axes, panels, strict=True):
+        names = [n for n in ALL_VARIANTS if n != base and any(_ratio(c, n, key, base) for c in cases)]
+        width = 0.8 / max(len(names), 1)
+        for i, n in enumerate(names):
+            vals = [_ratio(c, n, key, base) or 0 for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=n)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"{c['preset'].split('@')[0]}\nM={c['M']}" for c in cases], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{record['env']['gpu']}, {cases[0]['dtype'] if cases else ''}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

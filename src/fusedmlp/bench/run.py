@@ -2,10 +2,12 @@
 
 In one process on one GPU: the measured peaks (cases/timing.py), then per case the variants of
 cases/variants.py: the floor (the same GEMMs alone through cuBLAS), eager, eager with merged
-gate/up, torch.compile, Liger (when importable) and fusedmlp. Each time is a do_bench median
-after warm-up. Reported: us, TFLOP/s, percent of the measured peak, ratio to the floor,
-weight-bandwidth use (decode sizes), relative error against a float64 reference and, with
-``train=True``, forward+backward time and the peak memory beyond parameters and inputs.
+gate/up, torch.compile, Liger (when importable), fusedmlp and compile(fusedmlp). Per variant:
+wall time (back-to-back calls, host included: what a user waits), host time per call, GPU time
+(CUDA-graph replay), TFLOP/s and percent of the measured peak (on GPU time), ratio to the floor
+(GPU), wall over eager's and compile's, weight-bandwidth use (decode sizes), relative error
+against a float64 reference and, with ``train=True``, the same for forward+backward and the
+peak memory beyond parameters and inputs.
 """
 
 from __future__ import annotations
@@ -23,18 +25,7 @@ from torch import Tensor, nn
 
 from ..cases import variants as V
 from ..cases.presets import Preset
-from ..cases.timing import median_us
-
-
-def _graph_us(fn: Callable[[], object], grad: bool = False) -> float | None:
-    """Median time of ``fn`` replayed from a CUDA graph, or None where it does not capture."""
-    import triton.testing
-
-    try:
-        with torch.set_grad_enabled(grad):
-            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
-    except Exception:  # a variant that cannot be captured reports no graph time
-        return None
+from ..cases.timing import graph_us, wall_us
 
 
 def _rel_err(out: Tensor, ref: Tensor) -> float:
@@ -82,38 +73,37 @@ def run_case(
         ref = ref_mod(x.double())
     del ref_mod
     weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
-    floor_us = None
     results: dict[str, Any] = {}
+    on_gpu = torch.device(device).type == "cuda"
     for variant in V.build(preset, variants, eager, x):
         name, fn = variant.name, variant.module
         if fn is None:
             results[name] = {"skipped": variant.note.removeprefix("skipped: ")}
             continue
         with torch.no_grad():
-            us = median_us(lambda f=fn: f(x), device)
+            times = wall_us(lambda f=fn: f(x), device)
+            gpu = graph_us(lambda f=fn: f(x)) if on_gpu else None
             err = None if name == "floor" else _rel_err(fn(x), ref)
-        r: dict[str, Any] = {"us": us, "tflops": preset.flops / us / 1e6, "rel_err": err}
-        if torch.device(device).type == "cuda":  # GPU time alone: host launch overhead removed
-            r["graph_us"] = _graph_us(lambda f=fn: f(x))
-        if name == "floor":
-            floor_us = us
+        r: dict[str, Any] = {"wall_us": times["wall"], "host_us": times["host"], "graph_us": gpu}
+        r["rel_err"] = err
+        r["tflops"] = preset.flops / (gpu or times["wall"]) / 1e6
         if peaks:
             r["pct_peak_flops"] = 100 * r["tflops"] / peaks["tflops"]
-            r["pct_copy_bw_weights"] = 100 * weight_bytes / us / 1e3 / peaks["gbps"]
+            r["pct_copy_bw_weights"] = 100 * weight_bytes / (gpu or times["wall"]) / 1e3 / peaks["gbps"]
         if train and name != "floor":
             dy = torch.randn_like(ref, dtype=dtype)
             step = _train_step(fn, x, dy)
-            r["train_us"] = median_us(step, device)
-            r["train_graph_us"] = _graph_us(step, grad=True)
+            times = wall_us(step, device)
+            r["train_wall_us"], r["train_host_us"] = times["wall"], times["host"]
+            with torch.enable_grad():
+                r["train_graph_us"] = graph_us(step) if on_gpu else None
             for p in fn.parameters():
                 p.grad = None
-            r["train_extra_peak_mib"] = _extra_peak_mib(step, torch.device(device))
+            r["train_extra_peak_mib"] = _extra_peak_mib(step, torch.device(device)) if on_gpu else None
             for p in fn.parameters():
                 p.grad = None
         results[name] = r
-    for r in results.values():
-        if floor_us and "us" in r:
-            r["vs_floor"] = r["us"] / floor_us
+    _ratios(results)
     return {
         "preset": preset.name,
         "M": preset.tokens,
@@ -127,6 +117,21 @@ def run_case(
         "weight_bytes": weight_bytes,
         "variants": results,
     }
+
+
+def _ratios(results: dict[str, Any]) -> None:
+    """GPU time over the floor's (CUDA graphs), and wall time over eager's and compile's."""
+    floor, eager, compiled = (results.get(n, {}) for n in ("floor", "eager", "compile"))
+    for r in results.values():
+        if r.get("graph_us") and floor.get("graph_us"):
+            r["vs_floor"] = r["graph_us"] / floor["graph_us"]
+        for base, key in ((eager, "wall_vs_eager"), (compiled, "wall_vs_compile")):
+            if r.get("wall_us") and base.get("wall_us"):
+                r[key] = r["wall_us"] / base["wall_us"]
+        if r.get("train_wall_us") and eager.get("train_wall_us"):
+            r["train_wall_vs_eager"] = r["train_wall_us"] / eager["train_wall_us"]
+        if r.get("train_wall_us") and compiled.get("train_wall_us"):
+            r["train_wall_vs_compile"] = r["train_wall_us"] / compiled["train_wall_us"]
 
 
 def tuned_configs() -> dict[str, str]:

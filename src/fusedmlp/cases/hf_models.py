@@ -46,9 +46,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Any:
+def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None, tiny: bool = True) -> Any:
     """A transformers config: from a local directory or config.json (used as is, plus
-    ``overrides``), else from a model type the installed transformers knows (with TINY sizes)."""
+    ``overrides``), else from a model type the installed transformers knows (with TINY sizes,
+    unless ``tiny`` is False: the family's own defaults)."""
     from transformers import AutoConfig
 
     overrides = overrides or {}
@@ -58,7 +59,7 @@ def hf_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Any
             path = os.path.dirname(path) or "."
         return AutoConfig.from_pretrained(path, **overrides)
     try:
-        return AutoConfig.for_model(name_or_path, **{**TINY, **overrides})
+        return AutoConfig.for_model(name_or_path, **({**TINY, **overrides} if tiny else overrides))
     except ValueError:
         raise ValueError(
             f"{name_or_path!r} is neither a local config path nor a model type this transformers "

@@ -1,7 +1,10 @@
-"""Timing: do_bench medians on CUDA, torch.utils.benchmark on the CPU."""
+"""Timing: what a user waits (wall: back-to-back calls, host included), what the GPU spends
+(CUDA-graph replay), the host's share (time to issue one call), and the measured peaks."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -18,6 +21,62 @@ def median_us(fn: Callable[[], object], device: torch.device | str) -> float:
     fn()  # warm-up (compilation, first-call allocation)
     m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5)
     return m.median * 1e6
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_us(
+    fn: Callable[[], object], device: torch.device | str, seconds: float = 0.25, host: bool = True
+) -> dict[str, float]:
+    """``wall``: microseconds per call over back-to-back calls with one synchronize at the end, as
+    a loop of forwards or training steps runs without CUDA graphs (the host's launch work and the
+    GPU's kernels overlap; the larger decides); median of 5 repeats. ``host`` (when asked for):
+    microseconds the host takes to issue one call, timed over up to 16 calls before any
+    synchronize (few enough that the launch queue never fills and blocks the host); median of
+    up to 9 repeats, fewer for slow calls."""
+    device = torch.device(device)
+    fn()  # warm-up: compilation, autotuning, first allocations
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    n = max(8, min(2000, int(seconds / 5 / max(time.perf_counter() - t, 1e-6))))
+    walls = []
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        walls.append((time.perf_counter() - t) / n * 1e6)
+    if not host:
+        return {"wall": statistics.median(walls)}
+    calls = max(1, min(16, n))
+    hosts = []
+    for _ in range(9 if n >= 16 else 3):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        hosts.append((time.perf_counter() - t) / calls * 1e6)
+    _sync(device)
+    return {"wall": statistics.median(walls), "host": statistics.median(hosts)}
+
+
+def graph_us(fn: Callable[[], object]) -> float | None:
+    """GPU time: median microseconds of ``fn`` replayed from a CUDA graph (no host work at all),
+    or None where it cannot be captured."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+    except Exception:  # a variant that cannot be captured reports no graph time
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return None
 
 
 def measure_peaks(device: torch.device | str) -> dict[str, float] | None:

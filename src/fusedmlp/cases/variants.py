@@ -8,7 +8,7 @@ profile``: every variant holds the eager module's weights and takes the same inp
 - ``compile`` / ``compile-max-autotune``: torch.compile of the eager module;
 - ``liger``: Liger-Kernel's LigerSwiGLUMLP / LigerGEGLUMLP (CUDA, bias-free SwiGLU and GeGLU(tanh));
 - ``fusedmlp`` and ``fusedmlp-none`` / ``fusedmlp-gemm``: ours, at the default recompute level
-  ("activation") and the other two.
+  ("activation") and the other two; ``compile(fusedmlp)``: torch.compile of ours.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .presets import Preset
 
 # The article's order: what a profile shows side by side by default.
 PROFILE_VARIANTS = ("eager", "compile", "liger", "fusedmlp")
-BENCH_VARIANTS = ("floor", "eager", "eager-merged", "compile", "liger", "fusedmlp")
+BENCH_VARIANTS = ("floor", "eager", "eager-merged", "compile", "liger", "fusedmlp", "compile(fusedmlp)")
 RECOMPUTE_VARIANTS = ("fusedmlp-none", "fusedmlp-gemm")
 ALL_VARIANTS = (*BENCH_VARIANTS, "compile-max-autotune", *RECOMPUTE_VARIANTS)
 
@@ -127,6 +127,13 @@ def build(preset: Preset, names: list[str] | tuple[str, ...], eager: nn.Module, 
             out.append(Variant(name, compiled, "torch.compile (max-autotune-no-cudagraphs)"))
         elif name == "liger":
             out.append(_liger(preset, eager, x.device))
+        elif name == "compile(fusedmlp)":
+            try:
+                fused = preset.fused(eager)
+            except ValueError as e:
+                out.append(Variant(name, None, f"skipped: {e}"))
+            else:
+                out.append(Variant(name, torch.compile(fused), f"torch.compile({type(fused).__name__})"))
         else:  # fusedmlp at a recompute level
             level = name.removeprefix("fusedmlp-") if name != "fusedmlp" else None
             if level is not None and not two_layer:

@@ -81,6 +81,8 @@ class VariantSummary:
     cpu_ops_without_kernels: list[dict[str, Any]]
     cpu_us: float  # CPU time per forward (dispatch, on a GPU run)
     gpu_us: float  # kernel time per forward
+    wall_us: float | None  # back-to-back forwards, host included (measured by the run, not the trace)
+    host_costs: list[dict[str, Any]]  # where the CPU time of a forward goes, largest first
     verdict: str
     verdict_reason: str
     expected: list[str] | None
@@ -92,6 +94,7 @@ class VariantSummary:
         d = dataclasses.asdict(self)
         d["kernels"] = [k.as_dict() for k in self.kernels]
         d["cpu_us"], d["gpu_us"] = round(self.cpu_us, 3), round(self.gpu_us, 3)
+        d["wall_us"] = None if self.wall_us is None else round(self.wall_us, 3)
         d["guess_agrees"] = None if self.expected is None else not self.expected_notes
         return d
 
@@ -329,7 +332,10 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
 
     cpu_us = sum(w.dur for w in windows) / n_fwd if windows else sum(o.dur for o in _roots(trace.cpu_ops))
     gpu_us = sum(k.time_us for k in kernels)
-    verdict, reason = _verdict(trace.has_gpu, cpu_us, gpu_us, kernels, peaks)
+    costs = _host_costs(trace, windows, inside, n_fwd, cpu_us)
+    verdict, reason = _verdict(trace.has_gpu, cpu_us, gpu_us, kernels, peaks, costs)
+    wall = meta.get("wall_us")
+    wall_us = float(wall) if isinstance(wall, (int, float)) and 0 < wall < float("inf") else None
 
     inter = saved = None
     if expected is not None and preset is not None:
@@ -351,6 +357,8 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
         cpu_ops_without_kernels=[{"name": n, "calls": c / n_fwd} for n, c in no_kernel.most_common()],
         cpu_us=cpu_us,
         gpu_us=gpu_us,
+        wall_us=wall_us,
+        host_costs=costs,
         verdict=verdict,
         verdict_reason=reason,
         expected=[r.label for r in expected] if expected is not None else None,
@@ -364,16 +372,51 @@ def _roots(ops: list[Event]) -> list[Event]:
     return [ops[i] for i in _cpu_tree(ops).get(-1, [])]
 
 
+def _host_costs(
+    trace: Trace, windows: list[Event], inside: Callable[[float], int | None], n_fwd: int, cpu_us: float
+) -> list[dict[str, Any]]:
+    """Where a forward's CPU time goes: the self time (own time, less the ops nested inside) of
+    each CPU op, summed by name per forward, and the time in no op at all (Python: module and
+    argument handling, and launches outside any op, such as a Triton kernel's), largest first."""
+    ops = trace.cpu_ops
+    children = _cpu_tree(ops)
+    self_us: Counter[str] = Counter()
+    in_ops = 0.0
+    for i, op in enumerate(ops):
+        if inside(op.ts) is None or op.name.startswith("ProfilerStep#"):
+            continue
+        inner = sum(ops[c].dur for c in children.get(i, []))
+        self_us[op.name] += max(op.dur - inner, 0.0)
+    for i in children.get(-1, []):
+        op = ops[i]
+        if inside(op.ts) is not None and not op.name.startswith("ProfilerStep#"):
+            in_ops += op.dur
+    # our forward labels are annotations, not cpu_ops: what they hold outside any op is Python
+    python = max(cpu_us - in_ops / n_fwd, 0.0) if windows else 0.0
+    costs = [{"name": n, "us": t / n_fwd} for n, t in self_us.items()]
+    if python:
+        costs.append({"name": "Python outside ops (module calls, checks, Triton launches)", "us": python})
+    costs.sort(key=lambda c: -c["us"])
+    return [{"name": c["name"], "us": round(c["us"], 3)} for c in costs[:5]]
+
+
 def _verdict(
-    on_gpu: bool, cpu_us: float, gpu_us: float, kernels: list[KernelStat], peaks: dict[str, float] | None
+    on_gpu: bool,
+    cpu_us: float,
+    gpu_us: float,
+    kernels: list[KernelStat],
+    peaks: dict[str, float] | None,
+    host_costs: list[dict[str, Any]] | None = None,
 ) -> tuple[str, str]:
     if not kernels:
         return "no kernels", "the trace holds no kernels inside its forwards"
     if on_gpu and cpu_us > gpu_us:
+        largest = "; ".join(f"{c['name']} {c['us']:.1f} us" for c in (host_costs or [])[:3])
         return (
             "overhead-bound",
             f"the CPU takes {cpu_us:.1f} us to dispatch a forward whose kernels run {gpu_us:.1f} us: "
-            "the GPU waits for launches (fewer kernels or CUDA graphs help)",
+            "the GPU waits for launches (fewer kernels or CUDA graphs help)"
+            + (f"; largest host costs: {largest}" if largest else ""),
         )
     ridge = peaks["tflops"] * 1e3 / peaks["gbps"] if peaks else None  # FLOP per byte
 
@@ -402,6 +445,7 @@ def summary_json(
         "kernels_per_forward": {s.variant: s.kernels_per_forward for s in summaries},
         "gpu_us_per_forward": {s.variant: round(s.gpu_us, 3) for s in summaries},
         "cpu_us_per_forward": {s.variant: round(s.cpu_us, 3) for s in summaries},
+        "wall_us_per_forward": {s.variant: s.wall_us and round(s.wall_us, 3) for s in summaries},
         "fastest": min(summaries, key=lambda s: s.gpu_us).variant if summaries else None,
     }
     return {

@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 from ..activations import resolve
 from ..cases import variants as V
 from ..cases.presets import Preset, default_preset, get_preset
+from ..cases.timing import wall_us
 from ..cases.variants import Variant
 from ..numerics import ContractCheck, check_contract
 from .analyze import preset_to_dict
@@ -133,7 +134,9 @@ def _sync(device: torch.device) -> None:
 def profile_variant(
     variant: Variant, inputs: Any, device: torch.device, trace_path: Path, metadata: dict[str, Any]
 ) -> Path:
-    """Warm up, profile the 3 active steps, write the trace with our metadata."""
+    """Warm up, time back-to-back forwards (wall, host included: recorded in the metadata, since a
+    trace shows each forward synchronized on its own), profile the 3 active steps, write the
+    trace with our metadata."""
     assert variant.module is not None
     module = variant.module
     call: Callable[[], object] = (
@@ -144,6 +147,7 @@ def profile_variant(
         for _ in range(3):
             call()
         _sync(device)
+        wall = wall_us(call, device, seconds=0.1)["wall"]
         with profile(
             activities=activities, schedule=schedule(wait=WAIT, warmup=WARMUP, active=ACTIVE)
         ) as prof:
@@ -156,7 +160,8 @@ def profile_variant(
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
         prof.export_chrome_trace(str(raw))
-        return add_metadata(raw, {**metadata, "variant": variant.name, "note": variant.note}, trace_path)
+        meta = {**metadata, "variant": variant.name, "note": variant.note, "wall_us": wall}
+        return add_metadata(raw, meta, trace_path)
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

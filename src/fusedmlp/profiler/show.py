@@ -31,6 +31,7 @@ def overview(summaries: list[VariantSummary], skipped: dict[str, str], console: 
         ("variant", False),
         ("kernels", True),
         ("guess", False),
+        ("wall us", True),
         ("GPU us" if on_gpu else "op us", True),
         ("CPU us", True),
         ("launches", True),
@@ -49,6 +50,7 @@ def overview(summaries: list[VariantSummary], skipped: dict[str, str], console: 
             s.variant,
             str(s.kernels_per_forward),
             guess,
+            "-" if s.wall_us is None else f"{s.wall_us:,.1f}",
             f"{s.gpu_us:,.1f}",
             f"{s.cpu_us:,.1f}",
             f"{sum(s.launches_per_forward.values()):g}",
@@ -56,7 +58,7 @@ def overview(summaries: list[VariantSummary], skipped: dict[str, str], console: 
             mb(s.intermediate_bytes_saved_vs_eager),
         )
     for name, why in skipped.items():
-        t.add_row(name, "-", "-", "-", "-", "-", why, "-", style="dim")
+        t.add_row(name, "-", "-", "-", "-", "-", "-", why, "-", style="dim")
     console.print(t)
 
 
@@ -81,6 +83,9 @@ def details(s: VariantSummary, peaks: dict[str, float] | None, console: Console)
         )
     console.print(t)
     console.print(f"  verdict: [bold]{s.verdict}[/bold]: {s.verdict_reason}")
+    if s.host_costs:
+        costs = ", ".join(f"{c['name']} {c['us']:.1f} us" for c in s.host_costs[:3])
+        console.print(f"  largest host costs per forward: {costs}", highlight=False)
     for note in s.expected_notes:
         console.print(f"  [red]guess vs trace:[/red] {note}")
     if s.launches_per_forward or s.occupancy_queries_per_forward:
