@@ -193,13 +193,13 @@ def gemm_act(
     use_tma = M > 64 and gemm.tma_ok(x, w, traced=traced)
     pre_or_h = pre if pre is not None else h
     if traced:
-        args = (x, w, bias if bias is not None else w, h, pre_or_h, M, N, K, 0,
+        args = (x, w, bias if bias is not None else w, h, pre_or_h, M, N, K, gemm.m_bucket(M),
                 x.stride(0), w.stride(0), h.stride(0), pre_or_h.stride(0))
         meta = {
             "ACT": activation.code, "GATED": gated, "HAS_BIAS": bias is not None, "STORE_PRE": store_preact,
             "USE_TMA": use_tma, "DOT_PRECISION": dot_precision(x.dtype, allow_tf32), "DEVICE_DESC": use_tma,
         }
-        key = (gemm.m_bucket(M), N, K, x.dtype, gated, bias is not None, store_preact, use_tma,
+        key = (args[8], N, K, x.dtype, gated, bias is not None, store_preact, use_tma,
                meta["DOT_PRECISION"], x.device.index)
         LAUNCHER.traced(key, gemm.tile_grid(M, N, x.device), args, meta)
         return h, pre

@@ -147,12 +147,12 @@ def gemm_act_backward(
     use_tma = M > 64 and gemm.tma_ok(dy, w_out, traced=traced)
     hh = h if h is not None else dpre
     if traced:
-        args = (dy, w_out, pre, dpre, hh, M, N, K, 0,
+        args = (dy, w_out, pre, dpre, hh, M, N, K, gemm.m_bucket(M),
                 dy.stride(0), w_out.stride(0), pre.stride(0), dpre.stride(0), hh.stride(0))
         precision = dot_precision(dy.dtype, allow_tf32)
         meta = {"ACT": activation.code, "GATED": gated, "STORE_H": store_h, "USE_TMA": use_tma,
                 "DOT_PRECISION": precision, "DEVICE_DESC": use_tma}
-        key = (gemm.m_bucket(M), N, K, dy.dtype, gated, store_h, use_tma, precision, dy.device.index)
+        key = (args[8], N, K, dy.dtype, gated, store_h, use_tma, precision, dy.device.index)
         LAUNCHER.traced(key, gemm.tile_grid(M, N, dy.device), args, meta)
         return dpre, h
     args = (
