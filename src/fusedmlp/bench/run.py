@@ -74,35 +74,17 @@ def run_case(
     del ref_mod
     weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
     results: dict[str, Any] = {}
-    on_gpu = torch.device(device).type == "cuda"
     for variant in V.build(preset, variants, eager, x):
         name, fn = variant.name, variant.module
         if fn is None:
             results[name] = {"skipped": variant.note.removeprefix("skipped: ")}
             continue
-        with torch.no_grad():
-            times = wall_us(lambda f=fn: f(x), device)
-            gpu = graph_us(lambda f=fn: f(x)) if on_gpu else None
-            err = None if name == "floor" else _rel_err(fn(x), ref)
-        r: dict[str, Any] = {"wall_us": times["wall"], "host_us": times["host"], "graph_us": gpu}
-        r["rel_err"] = err
-        r["tflops"] = preset.flops / (gpu or times["wall"]) / 1e6
-        if peaks:
-            r["pct_peak_flops"] = 100 * r["tflops"] / peaks["tflops"]
-            r["pct_copy_bw_weights"] = 100 * weight_bytes / (gpu or times["wall"]) / 1e3 / peaks["gbps"]
-        if train and name != "floor":
-            dy = torch.randn_like(ref, dtype=dtype)
-            step = _train_step(fn, x, dy)
-            times = wall_us(step, device)
-            r["train_wall_us"], r["train_host_us"] = times["wall"], times["host"]
-            with torch.enable_grad():
-                r["train_graph_us"] = graph_us(step) if on_gpu else None
-            for p in fn.parameters():
-                p.grad = None
-            r["train_extra_peak_mib"] = _extra_peak_mib(step, torch.device(device)) if on_gpu else None
-            for p in fn.parameters():
-                p.grad = None
-        results[name] = r
+        try:
+            results[name] = _measure(preset, fn, name, x, ref, dtype, peaks, weight_bytes, train, device)
+        except Exception as e:  # one failing variant must not sink the run: recorded, reported
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
     _ratios(results)
     return {
         "preset": preset.name,
@@ -117,6 +99,46 @@ def run_case(
         "weight_bytes": weight_bytes,
         "variants": results,
     }
+
+
+def _measure(
+    preset: Preset,
+    fn: nn.Module,
+    name: str,
+    x: Tensor,
+    ref: Tensor,
+    dtype: torch.dtype,
+    peaks: dict[str, float] | None,
+    weight_bytes: int,
+    train: bool,
+    device: str,
+) -> dict[str, Any]:
+    """One variant's record: forward (and with ``train``, forward+backward) wall, host and GPU
+    times, throughput, error, peak memory."""
+    on_gpu = torch.device(device).type == "cuda"
+    with torch.no_grad():
+        times = wall_us(lambda: fn(x), device)
+        gpu = graph_us(lambda: fn(x)) if on_gpu else None
+        err = None if name == "floor" else _rel_err(fn(x), ref)
+    r: dict[str, Any] = {"wall_us": times["wall"], "host_us": times["host"], "graph_us": gpu}
+    r["rel_err"] = err
+    r["tflops"] = preset.flops / (gpu or times["wall"]) / 1e6
+    if peaks:
+        r["pct_peak_flops"] = 100 * r["tflops"] / peaks["tflops"]
+        r["pct_copy_bw_weights"] = 100 * weight_bytes / (gpu or times["wall"]) / 1e3 / peaks["gbps"]
+    if train and name != "floor":
+        dy = torch.randn_like(ref, dtype=dtype)
+        step = _train_step(fn, x, dy)
+        times = wall_us(step, device)
+        r["train_wall_us"], r["train_host_us"] = times["wall"], times["host"]
+        with torch.enable_grad():
+            r["train_graph_us"] = graph_us(step) if on_gpu else None
+        for p in fn.parameters():
+            p.grad = None
+        r["train_extra_peak_mib"] = _extra_peak_mib(step, torch.device(device)) if on_gpu else None
+        for p in fn.parameters():
+            p.grad = None
+    return r
 
 
 def _ratios(results: dict[str, Any]) -> None:

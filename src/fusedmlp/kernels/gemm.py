@@ -132,8 +132,18 @@ def fits(configs: list[triton.Config], elem_bytes: int, b_tiles: int) -> list[tr
 
 
 def m_bucket(M: int) -> int:
-    """Autotune bucket of M: powers of two up to 16384 (decode sizes get their own buckets)."""
-    return min(triton.next_power_of_2(max(M, 1)), 16384)
+    """Autotune bucket of M: powers of two up to 16384 (decode sizes get their own buckets). M may
+    be symbolic (torch.compile with dynamic shapes): its size hint decides, without a guard."""
+    return min(triton.next_power_of_2(max(hint(M), 1)), 16384)
+
+
+def hint(v: int) -> int:
+    """An int for a size that may be a torch.SymInt: its hint (a performance choice such as a
+    bucket needs no guard), else 4096 where there is none."""
+    if isinstance(v, int):
+        return v
+    value = getattr(getattr(v, "node", None), "hint", None)
+    return int(value) if value is not None else 4096
 
 
 try:  # Triton >= 3.3
