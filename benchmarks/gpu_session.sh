@@ -4,6 +4,7 @@
 # Usage (device tool, repo root): bash benchmarks/gpu_session.sh STAGE [STAGE ...]
 #   gputests   the gpu-marked tests                       alltests   the whole suite on the GPU
 #   compare    GPU time of the fused MLP, this tree vs .baseline/src (benchmarks/compare_trees.py)
+#   overhead   host cost of each layer of a decode forward (benchmarks/overhead.py)
 #   sweep      forward wall/host/GPU per variant over M = 1..8192 (llama3-8b, geglu-article, gpt2)
 #   train      forward and forward+backward, peak memory (geglu-article, llama3-8b, the narrow MLP)
 #   e2e        Hugging Face models end to end (fusedmlp bench --hf-config ...)
@@ -24,12 +25,13 @@ for stage in "$@"; do
     gputests) timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 ;;
     alltests) timeout 280 python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -8 ;;
     compare) timeout 60 python3 benchmarks/compare_trees.py .baseline/src src --out "$OUT/compare.json" ;;
+    overhead) timeout 90 python3 benchmarks/overhead.py --out "$OUT/overhead.json" ;;
     sweep)
-      timeout 240 python3 -m fusedmlp bench --out "$OUT/fwd" --preset llama3-8b --preset geglu-article \
+      timeout 230 python3 -m fusedmlp bench --out "$OUT/fwd" --preset llama3-8b --preset geglu-article \
         --preset gpt2 --tokens 1,16,256,4096,8192 --variants eager,compile,fusedmlp,'compile(fusedmlp)' \
         2>&1 | grep -v "^\s*$" | tail -4 ;;
     train)
-      timeout 170 python3 -m fusedmlp bench --out "$OUT/train" --train --preset geglu-article --preset llama3-8b \
+      timeout 200 python3 -m fusedmlp bench --out "$OUT/train" --train --preset geglu-article --preset llama3-8b \
         --preset narrow-mlp --variants floor,eager,compile,liger,fusedmlp,'compile(fusedmlp)' 2>&1 | tail -3 ;;
     e2e)
       timeout 370 python3 -m fusedmlp bench --out "$OUT/e2e" --train --hf-config gpt2 --hf-config bert-base \

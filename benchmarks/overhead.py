@@ -68,7 +68,7 @@ def main() -> None:
         "functional.run_mlp": lambda: functional.run_mlp(x, w, None, wo, None, act, True, level),
         "FusedGatedMLP forward": lambda: fused(x),
         "eager GatedMLP forward (5 ops)": lambda: eager(x),
-        "ops.mlp (triton_op dispatch)": lambda: ops.mlp(x, w, None, wo, None, "silu", True, "activation", True),
+        "ops.mlp (triton_op)": lambda: ops.mlp(x, w, None, wo, None, "silu", True, "activation", True),
     }
     results = {name: host_us(fn) for name, fn in cases.items()}
     info = {
