@@ -148,6 +148,25 @@ def _decode(model: nn.Module, one: torch.Tensor, device: str) -> dict[str, float
     return {"decode_wall_us": plain, "decode_reduce_overhead_wall_us": replayed}
 
 
+def _measure(
+    model: nn.Module, name: str, note: str, spec: Model, ids: torch.Tensor, train: bool, device: str
+) -> dict[str, Any]:
+    r: dict[str, Any] = {"note": note}
+    with torch.no_grad():
+        fwd = lambda: model(input_ids=ids)
+        r["fwd_wall_us"] = wall_us(fwd, device, seconds=0.4, host=False)["wall"]
+        r["fwd_graph_us"] = graph_us(fwd) if device == "cuda" else None
+    if train:
+        model.train()
+        step = _train_step(model, ids)
+        r["train_wall_us"] = wall_us(step, device, seconds=0.8, host=False)["wall"]
+        r["train_peak_mib"] = _peak_mib(step) if device == "cuda" else None
+        model.eval()
+    if spec.decode and name in ("eager", "fuse"):
+        r.update(_decode(model, ids[:1, :1], device))
+    return r
+
+
 def run_model(key: str, variants: tuple[str, ...], train: bool, device: str = "cuda") -> dict[str, Any]:
     spec = MODELS[key]
     dtype = torch.bfloat16
@@ -160,19 +179,10 @@ def run_model(key: str, variants: tuple[str, ...], train: bool, device: str = "c
         if model is None:
             results[name] = {"skipped": note}
             continue
-        r: dict[str, Any] = {"note": note}
-        with torch.no_grad():
-            fwd = lambda m=model: m(input_ids=ids)
-            r["fwd_wall_us"] = wall_us(fwd, device, seconds=0.4, host=False)["wall"]
-            r["fwd_graph_us"] = graph_us(fwd) if device == "cuda" else None
-        if train:
-            model.train()
-            step = _train_step(model, ids)
-            r["train_wall_us"] = wall_us(step, device, seconds=0.8, host=False)["wall"]
-            r["train_peak_mib"] = _peak_mib(step) if device == "cuda" else None
-            model.eval()
-        if spec.decode and name in ("eager", "fuse"):
-            r.update(_decode(model, ids[:1, :1], device))
+        try:
+            r = _measure(model, name, note, spec, ids, train, device)
+        except Exception as e:  # one failing variant must not sink the run: recorded, reported
+            r = {"note": note, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
         results[name] = r
         del model
         if device == "cuda":
