@@ -182,7 +182,8 @@ def run_model(key: str, variants: tuple[str, ...], train: bool, device: str = "c
         try:
             r = _measure(model, name, note, spec, ids, train, device)
         except Exception as e:  # one failing variant must not sink the run: recorded, reported
-            r = {"note": note, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            r = {"note": note, "error": f"{type(e).__name__}: {first_line}"[:300]}
         results[name] = r
         del model
         if device == "cuda":
