@@ -34,8 +34,10 @@ for stage in "$@"; do
       timeout 200 python3 -m fusedmlp bench --out "$OUT/train" --train --preset geglu-article --preset llama3-8b \
         --preset narrow-mlp --variants floor,eager,compile,liger,fusedmlp,'compile(fusedmlp)' 2>&1 | tail -3 ;;
     e2e)
-      timeout 370 python3 -m fusedmlp bench --out "$OUT/e2e" --train --hf-config gpt2 --hf-config bert-base \
-        --hf-config qwen2-0.5b-like --hf-config llama3-8b-2layers 2>&1 | grep -E "^[a-z].*batch|wrote|Error" ;;
+      # E2E_MODELS: which models (default all four), E2E_TIMEOUT: seconds
+      models=${E2E_MODELS:-gpt2 bert-base qwen2-0.5b-like llama3-8b-2layers}
+      timeout "${E2E_TIMEOUT:-370}" python3 -m fusedmlp bench --out "$OUT/e2e" --train \
+        $(for m in $models; do echo --hf-config "$m"; done) 2>&1 | grep -E "^[a-z0-9.-]+ batch|wrote|Error" ;;
     gluon)
       (cd .scratch/gluon && timeout 60 python3 gpu_check.py --quick 2>&1 | tail -25 \
         && OUT=$OUT timeout 120 python3 gpu_check.py 2>&1 | tail -30) ;;
