@@ -164,6 +164,7 @@ def gemm_act(
     allow_tf32: bool = False,
     config: triton.Config | None = None,
     traced: bool = False,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(h, pre): h = act(x @ Wg^T + bg) * (x @ Wu^T + bu) when ``gated`` (w = [Wg; Wu]), else
     h = act(x @ W^T + b); ``pre`` = x @ w^T + bias when ``store_preact``, else None.
@@ -171,7 +172,7 @@ def gemm_act(
     x [M, K] and w [rows, K] must have unit-stride columns; fp32 inputs use TF32 only when
     ``allow_tf32``. ``config`` forces a kernel config on CUDA (no autotuning). ``traced``: called
     from a triton_op body (torch.compile): launched through wrap_triton, descriptors made on the
-    device, the config picked without timing.
+    device, the config picked without timing. ``out``: a [M, N] buffer (or view) for h.
     """
     M, K = x.shape
     rows, k_w = w.shape
@@ -182,7 +183,7 @@ def gemm_act(
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("x and w need unit-stride columns")
     N = rows // 2 if gated else rows
-    h = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    h = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     pre = torch.empty((M, rows), dtype=x.dtype, device=x.device) if store_preact else None
     if M == 0 or N == 0:
         return h, pre

@@ -313,12 +313,13 @@ def narrow_mlp_forward(
     # rows, 32 -> 64 x8 -> 16; benchmarks/results/narrow-mlp-v1-20261125.json).
     programs_per_sm: int = 0,
     traced: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """y [M, D_L] of the stack over a 2-D x [M, D0]; ``block_m``/``num_warps`` override the config;
     ``programs_per_sm`` 0 launches one program per row block instead of a persistent grid."""
     P = _check(x, w, b, widths, acts)
     M = x.shape[0]
-    y = torch.empty((M, widths[-1]), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, widths[-1]), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return y
     bm, warps = _default_config(P, backward=False)

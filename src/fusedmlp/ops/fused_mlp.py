@@ -225,8 +225,9 @@ def _backward_recompute_blocks(
 
 
 def _output(x: Tensor, w_out: Tensor) -> tuple[Tensor, Tensor]:
-    """y [..., D_out] for x [..., D], allocated whole (not a view: as eager's F.linear, so that
-    in-place ops on it, `y += x`, are allowed), and its 2-D view for the GEMM to write."""
+    """y [..., D_out] for x [..., D] and a projection w_out [D_out, .], allocated whole (not a
+    view: as eager's F.linear, so that in-place ops on it, `y += x`, are allowed, also on a
+    custom Function's output), and its 2-D view for the kernels to write."""
     y = x.new_empty((*x.shape[:-1], w_out.shape[0]), dtype=w_out.dtype)
     return y, y.view(-1, w_out.shape[0])
 
@@ -412,19 +413,24 @@ mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
 
 
 def linear_act_forward(
-    x: Tensor, w: Tensor, b: Tensor | None, act: Activation, save: bool, traced: bool = False
+    x: Tensor, w: Tensor, b: Tensor | None, act: Activation, save: bool, traced: bool = False,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(h, pre) for 2-D x: h = act(x w^T + b) by one GEMM launch where the kernels serve it;
-    ``pre`` (for the backward) when ``save``."""
+    ``pre`` (for the backward) when ``save``; ``out``: a [M, out] buffer (or view) for h."""
     if use_triton(x, w, b, traced=traced) and fused_gemm_ok(x.dtype):
-        tf32 = _allow_tf32()
-        return _k_gemm.gemm_act(x, w, b, act, False, store_preact=save, allow_tf32=tf32, traced=traced)
+        return _k_gemm.gemm_act(
+            x, w, b, act, False, store_preact=save, allow_tf32=_allow_tf32(), traced=traced, out=out
+        )
     pre = F.linear(x, w, b)
     if use_triton(x, w, b, traced=traced):  # fp32: cuBLAS, then the pointwise kernel
-        h = _k_pointwise.gated_act_forward(pre, None, act, traced=traced)
+        h = _k_pointwise.gated_act_forward(pre, None, act, out=out, traced=traced)
     else:
         h = act(pre)
-        h = pre.clone() if h is pre else h  # identity: h must not be the buffer the backward reuses
+        if out is not None:
+            h = out.copy_(h)
+        elif h is pre:  # identity: h must not be the buffer the backward reuses
+            h = pre.clone()
     return h, (pre if save else None)
 
 
@@ -445,10 +451,11 @@ class LinearActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, act: Activation) -> Tensor:
         x2 = rows(x)
-        h, pre = linear_act_forward(x2, w, b, act, save=True)
+        h, h2 = _output(x, w)  # whole, not a view: in-place ops on it are allowed, as on eager's
+        _, pre = linear_act_forward(x2, w, b, act, save=True, out=h2)
         ctx.act, ctx.has_bias, ctx.x_shape = act, b is not None, x.shape
         ctx.save_for_backward(x2, w, pre)
-        return h.view(*x.shape[:-1], w.shape[0])
+        return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -460,8 +467,9 @@ class LinearActFunction(torch.autograd.Function):
 
 
 def linear_act_inference(x: Tensor, w: Tensor, b: Tensor | None, act: Activation) -> Tensor:
-    h, _ = linear_act_forward(rows(x), w, b, act, save=False)
-    return h.view(*x.shape[:-1], w.shape[0])
+    h, h2 = _output(x, w)
+    linear_act_forward(rows(x), w, b, act, save=False, out=h2)
+    return h
 
 
 def _linear_act(

@@ -47,10 +47,12 @@ def narrow_mlp_forward(
     if not _narrow_on_triton(x, w, b, widths, traced=traced):
         weights, biases = narrow_pack.unpack(w, b, widths)
         return reference.narrow_mlp(x, weights, list(biases), list(acts))
-    y = _k_narrow.narrow_mlp_forward(
-        x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts, traced=traced
+    y = x.new_empty((*x.shape[:-1], widths[-1]))  # whole, not a view (in-place ops on it allowed)
+    _k_narrow.narrow_mlp_forward(
+        x.reshape(-1, widths[0]), w.contiguous(), b.contiguous(), widths, acts, traced=traced,
+        out=y.view(-1, widths[-1]),
     )
-    return y.view(*x.shape[:-1], widths[-1])
+    return y
 
 
 def narrow_mlp_backward_impl(
