@@ -39,29 +39,54 @@ def _strip(original: nn.Module, keep: nn.Module) -> None:
                     store[name] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
 
 
-def _owners(model: nn.Module) -> dict[int, set[int]]:
-    """id(parameter) -> ids of the modules that hold it directly (more than one: tied weights)."""
-    owners: dict[int, set[int]] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), set()).add(id(m))
-    return owners
+@dataclasses.dataclass(frozen=True)
+class _Sharing:
+    """Who holds what, over the whole model: id(parameter) -> ids of the modules holding it
+    directly (more than one: tied weights); id(module) -> ids of its parents (more than one: a
+    module registered in several places, e.g. one nn.Linear in two blocks)."""
+
+    owners: dict[int, set[int]]
+    parents: dict[int, set[int]]
+
+    @staticmethod
+    def of(model: nn.Module) -> _Sharing:
+        owners: dict[int, set[int]] = {}
+        parents: dict[int, set[int]] = {}
+        for m in model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), set()).add(id(m))
+            for child in m._modules.values():  # every registration, not named_children()'s first
+                if child is not None:
+                    parents.setdefault(id(child), set()).add(id(m))
+        return _Sharing(owners, parents)
+
+    def problem(self, block: nn.Module) -> str:
+        """Why ``block`` cannot be swapped alone: a weight or a submodule of it is also used
+        outside it (fusing would untie the weight, or leave the other user weightless)."""
+        inside = {id(m) for m in block.modules()}
+        if any(self.owners.get(id(p), set()) - inside for p in block.parameters()):
+            return "shares (ties) weights with modules outside it; fusing would untie them"
+        for name, m in block.named_modules(remove_duplicate=False):
+            if m is not block and self.parents.get(id(m), set()) - inside:
+                return (
+                    f"its submodule {name} ({type(m).__name__}) is also used outside it; fusing would "
+                    "leave the other user a weightless copy (fuse the blocks apart, or untie them)"
+                )
+        return ""
 
 
 def _try(
-    block: nn.Module, path: str, owners: dict[int, set[int]]
+    block: nn.Module, path: str, sharing: _Sharing, parent: nn.Module | None = None, name: str = ""
 ) -> tuple[FusedBlock | SkippedBlock, nn.Module | None] | None:
     """None when ``block`` is no candidate (or only a guess that failed: not worth reporting);
     else the record and, when proven, the fused module."""
     cands = find.candidates(block)
     if not cands:
         return None
-    inside = {id(m) for m in block.modules()}
-    if any(owners.get(id(p), set()) - inside for p in block.parameters()):
-        if all(c.guessed for c in cands):
+    if reason := sharing.problem(block) or verify.call_problem(block, parent, name):
+        if all(c.guessed for c in cands):  # nothing but its shapes says it is an MLP: not reported
             return None
-        reason = "shares (ties) weights with modules outside it; fusing would untie them"
         return SkippedBlock(
             path, reason, cands[0].kind.value, cands[0].activation.value, cands[0].shapes
         ), None
@@ -108,7 +133,7 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
         raise TypeError(f"filter must be a callable (module, path) -> bool, got {type(filter).__name__}")
     fused: list[FusedBlock] = []
     skipped: list[SkippedBlock] = []
-    owners = _owners(model)
+    sharing = _Sharing.of(model)
     # A module registered under two parents (shared layers) is fused once and both get the result.
     replaced: dict[int, nn.Module] = {}
 
@@ -125,7 +150,8 @@ def fuse(model: nn.Module, *, filter: FilterFn | None = None, dry_run: bool = Fa
             if isinstance(child, find.FUSED_TYPES):
                 skipped.append(SkippedBlock(path, "already fused"))
                 continue
-            outcome = _try(child, path, owners) if filter is None or filter(child, path) else None
+            chosen = filter is None or filter(child, path)
+            outcome = _try(child, path, sharing, parent, name) if chosen else None
             if outcome is not None:
                 record, module = outcome
                 if module is not None:

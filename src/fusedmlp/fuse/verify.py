@@ -19,9 +19,12 @@ weights mixed are left alone before any of this: the swap would lose the hooks, 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
+import inspect
+import textwrap
 from collections.abc import Iterator
 
 import torch
@@ -150,6 +153,78 @@ def _not_swappable(block: nn.Module) -> str:
     return ""
 
 
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _forward_params(block: nn.Module) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return None
+
+
+def input_name(block: nn.Module) -> str | None:
+    """The name of the one input ``block.forward`` takes (callers may pass it by keyword)."""
+    params = _forward_params(block)
+    return params[0].name if params and params[0].kind not in _VARIADIC else None
+
+
+def _calls_in_parent(parent: nn.Module | None, name: str) -> list[tuple[int, set[str]]] | None:
+    """How ``parent.forward`` calls its child ``name``: (positional count, keyword names) per call
+    ``self.<name>(...)`` in its source; None where the source cannot be read. nn.Sequential calls
+    each child with the one previous output."""
+    if isinstance(parent, nn.Sequential):
+        return [(1, set())]
+    if parent is None or not name:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(parent).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    calls = []
+    for node in ast.walk(tree):
+        f = node.func if isinstance(node, ast.Call) else None
+        if not (isinstance(f, ast.Attribute) and f.attr == name and isinstance(f.value, ast.Name)):
+            continue
+        if f.value.id != "self":
+            continue
+        keywords = {k.arg for k in node.keywords if k.arg}
+        unpacked = any(isinstance(a, ast.Starred) for a in node.args) or len(keywords) < len(node.keywords)
+        calls.append((99 if unpacked else len(node.args), keywords))
+    return calls
+
+
+def call_problem(block: nn.Module, parent: nn.Module | None = None, name: str = "") -> str:
+    """Why a call of ``block`` might not be one the proof covers (empty when none): the proof
+    calls ``block(x)``; a forward that needs more arguments is refused, and one with optional
+    extras only where its parent's calls can be seen to pass the input alone."""
+    params = _forward_params(block)
+    if params is None:
+        return ""
+    if not params or params[0].kind in _VARIADIC:
+        return "its forward takes no single named input (*args), which the proof cannot follow"
+    first, extra = params[0], params[1:]
+    required = [p.name for p in extra if p.default is p.empty and p.kind not in _VARIADIC]
+    if required:
+        return (
+            f"its forward takes more than its input ({', '.join(required)}); the fused module "
+            "computes from the input alone, and the proof covers no call with more"
+        )
+    if not extra:
+        return ""
+    optional = ", ".join(p.name for p in extra)
+    calls = _calls_in_parent(parent, name)
+    if calls is None:
+        return (
+            f"its forward takes optional arguments ({optional}) and how its parent calls it cannot "
+            "be seen; a call passing them would not be covered by the proof"
+        )
+    for positional, keywords in calls:
+        if positional > 1 or keywords - {first.name} or (positional == 1 and keywords):
+            return f"its parent passes it more than its input ({optional} among {first.name}'s companions)"
+    return ""
+
+
 def prove(block: nn.Module, candidate: Candidate) -> Proof:
     """Build ``candidate`` for ``block`` and prove it equivalent (see the module docstring).
 
@@ -210,4 +285,5 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
     if failed:
         return Proof(None, f"outputs differ (seed {seed}): {failed[0]}", tuple(checks))
     fused.train(block.training)
+    fused.input_name = input_name(block) or "x"  # type: ignore[assignment]
     return Proof(fused, "", tuple(checks))

@@ -28,7 +28,22 @@ from .state import (
 _PARAM_NAMES = ("in_weight", "in_bias", "out_weight", "out_bias")
 
 
-class _FusedMLPBase(nn.Module):
+class _OneInput(nn.Module):
+    """A fused module takes one input, positionally or by the name the replaced block's forward
+    gave it (``input_name``, set by fuse: a parent calling ``self.mlp(hidden_states=x)`` keeps
+    working)."""
+
+    input_name: str = "x"
+
+    def _input(self, x: Tensor | None, named: dict[str, Tensor]) -> Tensor:
+        if x is None and len(named) == 1 and self.input_name in named:
+            return named[self.input_name]
+        given = ["positional"] * (x is not None) + sorted(named)
+        what = ", ".join(given) or "none"
+        raise TypeError(f"{type(self).__name__} takes one input ({self.input_name}), got {what}")
+
+
+class _FusedMLPBase(_OneInput):
     """State-dict renaming, from_module and validation shared by the two fused MLPs."""
 
     GATED: ClassVar[bool]
@@ -79,7 +94,9 @@ class _FusedMLPBase(nn.Module):
         self.register_state_dict_post_hook(save_state_dict_hook)
         self.register_load_state_dict_pre_hook(load_state_dict_hook)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | None = None, **named: Tensor) -> Tensor:
+        if named or x is None:
+            x = self._input(x, named)
         p = self._parameters  # one dict read per parameter (nn.Module.__getattr__ costs more)
         w_in, b_in, w_out, b_out = p["in_weight"], p.get("in_bias"), p["out_weight"], p.get("out_bias")
         functional.check_mlp(x, w_in, b_in, w_out, b_out, self.GATED, _PARAM_NAMES)  # type: ignore[arg-type]
@@ -237,7 +254,7 @@ class FusedMLP(_FusedMLPBase):
 
 
 
-class FusedLinearAct(nn.Module):
+class FusedLinearAct(_OneInput):
     """y = act(proj(x)): a lone projection and its activation (BERT/ViT "intermediate").
 
     Holds the original projection (nn.Linear or Conv1D) under its original child name, so the
@@ -262,7 +279,9 @@ class FusedLinearAct(nn.Module):
     def extra_repr(self) -> str:
         return f"activation={self.activation.value}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | None = None, **named: Tensor) -> Tensor:
+        if named or x is None:
+            x = self._input(x, named)
         weight, bias, _ = linear_params(self._modules[self.proj_name])  # type: ignore[arg-type]
         functional.check_linear(x, weight, bias, self._param_names)
         return functional.run_linear_act(x, weight, bias, self.activation)
@@ -284,8 +303,8 @@ class _OutputDropout(nn.Module):
         super().__init__(*args, **kwargs)
         self.dropout: nn.Module = nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(super().forward(x))
+    def forward(self, x: Tensor | None = None, **named: Tensor) -> Tensor:
+        return self.dropout(super().forward(x, **named))
 
 
 class FusedGatedMLPWithDropout(_OutputDropout, FusedGatedMLP):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import functional
 from ..activations import SPECS, Activation, activation_of
 from ..kernels import narrow_pack
+from .mlp import _OneInput
 
 
 def _parse_sequential(seq: nn.Module) -> tuple[list[tuple[str, nn.Linear, Activation]], str | None]:
@@ -65,7 +66,7 @@ def can_fuse_sequential(seq: nn.Module) -> bool:
     return sequential_unsupported_reason(seq) is None
 
 
-class FusedSequentialMLP(nn.Module):
+class FusedSequentialMLP(_OneInput):
     """An nn.Sequential of nn.Linear layers (every width <= 256) and activations, run as ONE kernel.
 
     The Linear layers are kept as children under their Sequential indices, so ``state_dict`` keys
@@ -148,7 +149,9 @@ class FusedSequentialMLP(nn.Module):
             cached = self._packed = (state, (w, b, widths, names))
         return cached[1]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | None = None, **named: Tensor) -> Tensor:
+        if named or x is None:
+            x = self._input(x, named)
         linears = self.linears
         weights = [m.weight for m in linears]
         biases = [m.bias for m in linears]
