@@ -46,4 +46,6 @@ def test_activation_of():
     assert activation_of(torch.nn.functional.silu) is Activation.SILU
     assert activation_of("gelu_pytorch_tanh") is Activation.GELU_TANH
     assert activation_of(nn.Tanh()) is None
-    assert activation_of("quick_gelu") is None
+    assert activation_of("gelu_10") is None  # HF's clipped GELU: not implemented
+    assert activation_of("quick_gelu") is Activation.QUICK_GELU  # CLIP
+    assert activation_of(nn.ReLU6()) is Activation.RELU6 and activation_of("relu6") is Activation.RELU6

@@ -49,6 +49,23 @@ def _sigmoid_d(x: Tensor) -> Tensor:
     return s * (1 - s)
 
 
+QUICK_GELU_COEF = 1.702  # CLIP's QuickGELU: x * sigmoid(1.702 x)
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(QUICK_GELU_COEF * x)
+
+
+def _quick_gelu_d(x: Tensor) -> Tensor:
+    s = torch.sigmoid(QUICK_GELU_COEF * x)
+    return s + QUICK_GELU_COEF * x * s * (1 - s)
+
+
+def _relu6_d(x: Tensor) -> Tensor:
+    # as torch's hardtanh_backward: 0 at and beyond the clip points, 1 elsewhere (NaN included)
+    return (~((x <= 0) | (x >= 6))).to(x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivationSpec:
     """Everything known about one activation.
@@ -94,8 +111,9 @@ SPECS: tuple[ActivationSpec, ...] = (
         _gelu_tanh_d,
         aliases=("gelu_pytorch_tanh", "gelu_new"),
         modules=((nn.GELU, lambda m: m.approximate == "tanh"),),
-        # FastGELU is the tanh form with x*(1 + c*x^2) factored
-        hf_classes=("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"),
+        # FastGELU is the tanh form with x*(1 + c*x^2) factored; Bloom's GELU is the tanh form
+        # with sqrt(2/pi) rounded to 0.79788456 (1e-9 relative: below fp32's resolution)
+        hf_classes=("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation", "BloomGelu"),
     ),
     ActivationSpec(
         "relu",
@@ -119,6 +137,19 @@ SPECS: tuple[ActivationSpec, ...] = (
         functions=(torch.sigmoid, F.sigmoid),
     ),
     ActivationSpec(
+        "quick_gelu",  # CLIP
+        _quick_gelu,
+        _quick_gelu_d,
+        hf_classes=("QuickGELUActivation",),
+    ),
+    ActivationSpec(
+        "relu6",  # MobileNet-style clipped ReLU: min(max(x, 0), 6)
+        F.relu6,
+        _relu6_d,
+        modules=((nn.ReLU6, _ALWAYS),),
+        functions=(F.relu6,),
+    ),
+    ActivationSpec(
         "identity",  # bilinear when gated; a plain affine layer in narrow stacks
         lambda x: x,
         torch.ones_like,
@@ -140,6 +171,8 @@ class Activation(enum.Enum):
     RELU2 = "relu2"
     SIGMOID = "sigmoid"
     IDENTITY = "identity"
+    QUICK_GELU = "quick_gelu"
+    RELU6 = "relu6"
 
     @property
     def spec(self) -> ActivationSpec:

@@ -18,7 +18,7 @@ Adding an activation: its pair here, one branch in each selector, and its entry 
 import triton
 import triton.language as tl
 
-from ..activations import GELU_TANH_COEF, Activation
+from ..activations import GELU_TANH_COEF, QUICK_GELU_COEF, Activation
 
 SILU: tl.constexpr = tl.constexpr(Activation.SILU.code)
 GELU: tl.constexpr = tl.constexpr(Activation.GELU.code)
@@ -26,6 +26,9 @@ GELU_TANH: tl.constexpr = tl.constexpr(Activation.GELU_TANH.code)
 RELU: tl.constexpr = tl.constexpr(Activation.RELU.code)
 RELU2: tl.constexpr = tl.constexpr(Activation.RELU2.code)
 SIGMOID: tl.constexpr = tl.constexpr(Activation.SIGMOID.code)
+QUICK_GELU: tl.constexpr = tl.constexpr(Activation.QUICK_GELU.code)
+RELU6: tl.constexpr = tl.constexpr(Activation.RELU6.code)
+_QUICK_C: tl.constexpr = tl.constexpr(QUICK_GELU_COEF)
 
 _TANH_C: tl.constexpr = tl.constexpr(GELU_TANH_COEF)
 _3_TANH_C: tl.constexpr = tl.constexpr(3 * GELU_TANH_COEF)
@@ -103,6 +106,32 @@ def sigmoid_bwd(x, grad):
 
 
 @triton.jit
+def quick_gelu(x):
+    return x * tl.sigmoid(x * _QUICK_C)
+
+
+@triton.jit
+def quick_gelu_bwd(x, grad):
+    # grad enters each term of the product rule apart, as eager's autograd of x * sigmoid(c x)
+    # computes it: an infinite grad then gives NaN where the two terms cancel, as there
+    s = tl.sigmoid(x * _QUICK_C)
+    return x * s, grad * s + grad * x * s * tl.sigmoid(-x * _QUICK_C) * _QUICK_C
+
+
+@triton.jit
+def relu6(x):
+    r = tl.where(x < 0.0, 0.0, x)
+    return tl.where(r > 6.0, 6.0, r)  # NaN propagates, as in torch
+
+
+@triton.jit
+def relu6_bwd(x, grad):
+    # as torch's hardtanh_backward: 0 at and beyond the clip points, grad passed on elsewhere
+    # (a NaN x included)
+    return relu6(x), tl.where((x <= 0.0) | (x >= 6.0), 0.0, grad)
+
+
+@triton.jit
 def act(x, ACT: tl.constexpr):
     """act(x) for fp32 x."""
     if ACT == SILU:
@@ -117,6 +146,10 @@ def act(x, ACT: tl.constexpr):
         return relu2(x)
     elif ACT == SIGMOID:
         return sigmoid(x)
+    elif ACT == QUICK_GELU:
+        return quick_gelu(x)
+    elif ACT == RELU6:
+        return relu6(x)
     else:  # identity
         return x
 
@@ -136,5 +169,9 @@ def act_and_grad(x, grad, ACT: tl.constexpr):
         return relu2_bwd(x, grad)
     elif ACT == SIGMOID:
         return sigmoid_bwd(x, grad)
+    elif ACT == QUICK_GELU:
+        return quick_gelu_bwd(x, grad)
+    elif ACT == RELU6:
+        return relu6_bwd(x, grad)
     else:  # identity
         return x, grad
