@@ -107,7 +107,10 @@ def variant(base: nn.Module, name: str) -> tuple[nn.Module | None, str]:
     note = ""
     if name in ("fuse", "compile(fuse)"):
         report = fuse(model)
-        note = f"fused {len(report.fused)} blocks, skipped {len(report.skipped)}"
+        reasons = sorted({s.reason for s in report.skipped})
+        note = f"fused {len(report.fused)} blocks, skipped {len(report.skipped)}" + (
+            f" ({'; '.join(reasons)[:300]})" if reasons else ""
+        )
     if name == "liger" and (why := _liger(model)) is not None:
         return None, why
     if name in ("compile", "compile(fuse)"):

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from .. import options
 from ..numerics import ContractCheck, check_contract, state_dict_equal
 from .find import Candidate
 
@@ -267,7 +268,9 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
         # fork_rng: building a fused module initialises weights (before copying), and dropout in
         # train mode draws; neither may move the caller's random stream.
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        with modes_restored(block), torch.no_grad(), rng:
+        # Autotuning off: which config a timing picks must not decide the proof (configs round
+        # differently); the first config that fits runs, the same on every call.
+        with modes_restored(block), torch.no_grad(), rng, options.override(autotune=False):
             block.eval()
             # The probe has fresh random fp32 weights: with the model's own weights a proof could
             # pass by accident (a zero-initialised output projection makes every guess agree).
