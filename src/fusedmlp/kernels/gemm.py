@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..options import kernel_options
 from .launch import PlannedKernel, spec, traced_launch
-from .runtime import SMEM_PER_PROGRAM, capability, mma, num_sms
+from .runtime import SMEM_PER_PROGRAM, capability, cdiv, mma, next_power_of_2, num_sms
 
 # ---------------------------------------------------------------------------------------------
 # device side
@@ -134,7 +134,7 @@ def fits(configs: list[triton.Config], elem_bytes: int, b_tiles: int) -> list[tr
 def m_bucket(M: int) -> int:
     """Autotune bucket of M: powers of two up to 16384 (decode sizes get their own buckets). M may
     be symbolic (torch.compile with dynamic shapes): its size hint decides, without a guard."""
-    return min(triton.next_power_of_2(max(hint(M), 1)), 16384)
+    return min(next_power_of_2(max(hint(M), 1)), 16384)
 
 
 def hint(v: int) -> int:
@@ -181,7 +181,7 @@ def tile_grid(M: int, N: int, device: torch.device) -> Callable[[dict], tuple[in
     walking the tiles when the config is PERSISTENT."""
 
     def grid(cfg: dict) -> tuple[int]:
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         return (min(tiles, num_sms(device.index or 0)) if cfg["PERSISTENT"] else tiles,)
 
     return grid
@@ -282,7 +282,7 @@ class Launcher:
     def interpret(self, args: tuple, meta: dict, M: int, N: int) -> None:
         """Under Triton's CPU interpreter: the fixed small config."""
         cfg = INTERPRETER_CONFIG.kwargs
-        programs = min(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), INTERPRETER_PROGRAMS)
+        programs = min(cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), INTERPRETER_PROGRAMS)
         self.set_blocks({**dict(zip(self.kernel.arg_names, args, strict=False)), **meta, **cfg})
         self.kernel[(programs,)](*args, **meta, **cfg)
 

@@ -51,7 +51,7 @@ from .epilogue import act, act_and_grad
 from .launch import PlannedKernel, plan_key, traced_launch
 from .narrow_pack import MAX_WIDTH, padded_width
 from .profile import Cost, KernelProfile
-from .runtime import SMEM_PER_PROGRAM, dot_precision, mma, persistent_programs, to_storage
+from .runtime import SMEM_PER_PROGRAM, cdiv, dot_precision, mma, persistent_programs, to_storage
 
 
 @triton.jit
@@ -324,7 +324,7 @@ def narrow_mlp_forward(
         return y
     bm, warps = _default_config(P, backward=False)
     bm, warps = block_m or bm, num_warps or warps
-    num_blocks = triton.cdiv(M, bm)
+    num_blocks = cdiv(M, bm)
     precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
     programs = persistent_programs(num_blocks, x.device, programs_per_sm) if programs_per_sm else num_blocks
     args = (x, w, b, y, M, num_blocks, x.stride(0), x.stride(1), y.stride(0))
@@ -371,7 +371,7 @@ def narrow_mlp_backward(
         return dx, torch.zeros_like(w), torch.zeros_like(b)
     bm, warps = _default_config(P, backward=True)
     bm, warps = block_m or bm, num_warps or warps
-    num_blocks = triton.cdiv(M, bm)
+    num_blocks = cdiv(M, bm)
     per_sm = _backward_programs_per_sm(P) if programs_per_sm is None else programs_per_sm
     precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
     G = persistent_programs(num_blocks, x.device, per_sm) if per_sm else num_blocks

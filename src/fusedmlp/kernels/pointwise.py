@@ -22,7 +22,7 @@ from ..activations import Activation
 from .epilogue import act, act_and_grad
 from .launch import PlannedKernel, plan_key, traced_launch
 from .profile import KernelProfile
-from .runtime import to_storage
+from .runtime import cdiv, next_power_of_2, to_storage
 
 
 @triton.jit
@@ -94,7 +94,7 @@ _BWD = PlannedKernel(_act_bwd_kernel)
 def _blocks(N: int) -> tuple[int, int, int]:
     # About 4096 elements per program: 8 warps each moving two 16-byte vectors per tensor, enough
     # bytes in flight per SM to run these kernels at copy bandwidth on H100.
-    block_n = min(triton.next_power_of_2(max(N, 1)), 1024)
+    block_n = min(next_power_of_2(max(N, 1)), 1024)
     block_m = max(1, 4096 // block_n)
     return block_m, block_n, 8
 
@@ -120,7 +120,7 @@ def gated_act_forward(
     if M == 0 or N == 0:
         return h
     block_m, block_n, warps = _blocks(N)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (cdiv(M, block_m), cdiv(N, block_n))
     args = (
         x, x if up is None else up, h,
         M, N,
@@ -156,7 +156,7 @@ def gated_act_backward(
     if M == 0 or N == 0:
         return
     block_m, block_n, warps = _blocks(N)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (cdiv(M, block_m), cdiv(N, block_n))
     args = (
         dh, x, x if up is None else up, dx, dx if dup is None else dup, dx if h is None else h,
         M, N,

@@ -54,6 +54,17 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (a may be a torch.SymInt): triton.cdiv is a constexpr function
+    in Triton 3.6, whose Python wrapper costs microseconds per call on a launch path."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), for host code (as cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 @functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
