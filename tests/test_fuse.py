@@ -224,20 +224,6 @@ class Residual(UserGated):
         return x + super().forward(x)
 
 
-class MidDropout(nn.Module):  # T5 style: dropout between the activation and the output projection
-    def __init__(self, d, h):
-        super().__init__()
-        self.wi, self.wo, self.act, self.dropout = (
-            nn.Linear(d, h),
-            nn.Linear(h, d),
-            nn.ReLU(),
-            nn.Dropout(0.1),
-        )
-
-    def forward(self, x):
-        return self.wo(self.dropout(self.act(self.wi(x))))
-
-
 class WithNorm(UserGated):  # a parameter outside the projections
     def __init__(self, d, h):
         super().__init__(d, h)
@@ -283,7 +269,6 @@ class QuickGELUMLP(nn.Module):
         (CustomBackward, "random weights: dx"),
         (Scaled, "outputs differ"),
         (Residual, "outputs differ"),
-        (MidDropout, "training mode"),
         (WithNorm, "holds state outside its projections (norm.weight, norm.bias)"),
     ],
 )
@@ -373,12 +358,58 @@ def test_fold():
     x = torch.randn(9, 8)
     with torch.no_grad():
         y_eager, y_ref = model(x), copy.deepcopy(model).double()(x.double())
-    report = fusedmlp.fold(model)
+    blind = copy.deepcopy(model)  # without example inputs: the BatchNorm1d's rank is unknown
+    report = fusedmlp.fold(blind)
+    assert [f.layers for f in report.folded] == [("5", "6")]
+    assert [s.layers for s in report.skipped] == [("0", "1", "2", "3")]
+    assert "pass example_inputs" in report.skipped[0].reason
+    report = fusedmlp.fold(model, (x,))
     print(report)
     assert [f.layers for f in report.folded] == [("0", "1", "2", "3"), ("5", "6")]
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     with torch.no_grad():
         assert_contract("folded output", model(x), y_eager, y_ref)
+
+
+class ChannelsHead(nn.Module):
+    """Linear -> BatchNorm1d on [N, C, L]: the Linear mixes L, the BatchNorm normalises C."""
+
+    def __init__(self, c, length):
+        super().__init__()
+        self.stem = nn.Conv1d(3, c, 1)
+        self.body = nn.Sequential(nn.Linear(length, length), nn.BatchNorm1d(c), nn.Linear(length, 5))
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+@pytest.mark.parametrize("c,length", [(6, 6), (3, 3)])  # C == L: the shapes alone cannot tell
+def test_fold_proves_batchnorm_on_the_ranks_the_model_uses(c, length):
+    model = ChannelsHead(c, length)
+    model.body[1].running_mean.normal_()
+    model.body[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(3, 3, length)
+    sd = _clone(model.state_dict())
+    with torch.no_grad():
+        y = model(x)
+    for example in (None, (x,), {"x": x}, x):
+        report = fusedmlp.fold(model, example)
+        print(report)
+        assert not report.folded and len(report.skipped) == 1
+        reason = report.skipped[0].reason
+        assert ("example_inputs" in reason) if example is None else ("input [3, " in reason)
+        assert state_dict_equal(model.state_dict(), sd) and len(model.body) == 3
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    # without the BatchNorm1d the run is rank-independent: folded, and the 3-D output is kept
+    del model.body[1]
+    with torch.no_grad():
+        y, y_ref = model(x), copy.deepcopy(model).double()(x.double())
+    report = fusedmlp.fold(model)
+    assert len(report.folded) == 1 and len(model.body) == 1
+    with torch.no_grad():
+        assert_contract("folded 3-D output", model(x), y, y_ref)
 
 
 @needs_hf

@@ -200,10 +200,12 @@ def run_mlp(
     act: Activation,
     gated: bool,
     recompute: Recompute,
+    dropout: float = 0.0,
 ) -> Tensor:
     """The MLP on validated arguments (:func:`check_mlp`): autocast's dtype applied by hand (the
     ops are opaque to it), then the op for traced code, its autograd.Function twin where a
-    gradient is wanted, or the forward alone (no autograd node) where none is."""
+    gradient is wanted, or the forward alone (no autograd node) where none is. ``dropout``: the
+    probability of dropping each element of h before the output projection (0: none)."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
@@ -214,16 +216,17 @@ def run_mlp(
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
         needs_grad = torch.is_grad_enabled()
         lead = x.shape[:-1]
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if dropout else None
         y = ops.mlp(_unit_cols(x.reshape(-1, x.shape[-1])), w_in, b_in, w_out, b_out, act.value, gated,
-                    recompute.value, not needs_grad)[0]
+                    recompute.value, not needs_grad, dropout, seed)[0]
         return y.view(*lead, w_out.shape[0])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or w_in.requires_grad or w_out.requires_grad
         or (b_in is not None and b_in.requires_grad) or (b_out is not None and b_out.requires_grad)
     )
     if needs_grad:
-        return ops.MLPFunction.apply(x, w_in, b_in, w_out, b_out, act, gated, recompute)
-    return ops.fused_mlp.mlp_inference(x, w_in, b_in, w_out, b_out, act, gated)
+        return ops.MLPFunction.apply(x, w_in, b_in, w_out, b_out, act, gated, recompute, dropout)
+    return ops.fused_mlp.mlp_inference(x, w_in, b_in, w_out, b_out, act, gated, dropout)
 
 
 def gated_mlp(
@@ -234,12 +237,15 @@ def gated_mlp(
     down_bias: Tensor | None,
     activation: str | Activation = "silu",
     recompute: str | Recompute = "activation",
+    dropout: float = 0.0,
 ) -> Tensor:
-    """y = down(act(gate(x)) * up(x)); gate|up is one [2H, D] weight, gate rows first.
-    ``recompute``: what training saves for the backward (:class:`fusedmlp.Recompute`)."""
-    act_, level = resolve(activation), resolve_recompute(recompute)
+    """y = down(dropout(act(gate(x)) * up(x))); gate|up is one [2H, D] weight, gate rows first.
+    ``recompute``: what training saves for the backward (:class:`fusedmlp.Recompute`).
+    ``dropout``: nn.Dropout's p for h, applied whatever the mode (pass 0 in eval, as
+    F.dropout(training=False) would); the mask is drawn from torch's generator."""
+    act_, level, p = resolve(activation), resolve_recompute(recompute), check_p(dropout)
     check_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, True, GATED_NAMES)
-    return run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, True, level)
+    return run_mlp(x, gate_up_weight, gate_up_bias, down_weight, down_bias, act_, True, level, p)
 
 
 def mlp(
@@ -250,11 +256,19 @@ def mlp(
     fc2_bias: Tensor | None,
     activation: str | Activation = "gelu",
     recompute: str | Recompute = "activation",
+    dropout: float = 0.0,
 ) -> Tensor:
-    """y = fc2(act(fc1(x))); ``recompute`` as for :func:`gated_mlp`."""
+    """y = fc2(dropout(act(fc1(x)))); ``recompute`` and ``dropout`` as for :func:`gated_mlp`."""
     act_, level = resolve(activation), resolve_recompute(recompute)
     check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, False, PLAIN_NAMES)
-    return run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, level)
+    return run_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act_, False, level, check_p(dropout))
+
+
+def check_p(p: object) -> float:
+    """A dropout probability: a real number in [0, 1]; ValueError otherwise."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be a number in [0, 1], got {p!r}")
+    return float(p)
 
 
 GATED_NAMES = ("gate_up_weight", "gate_up_bias", "down_weight", "down_bias")

@@ -32,6 +32,7 @@ from ..modules import (
     can_fuse_sequential,
     linear_params,
 )
+from .report import SkippedBlock
 
 
 class BlockKind(str, enum.Enum):
@@ -52,14 +53,22 @@ class Projection:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One guess: ``build(block, dropout)`` returns the fused module that should compute what
-    ``block`` does; ``dropout`` is the block's own output dropout (or None), applied last."""
+    """One guess: ``build(block, dropout, hidden_dropout)`` returns the fused module that should
+    compute what ``block`` does; ``dropout`` is the block's own output dropout (or None), applied
+    last, ``hidden_dropout`` the p of its dropout of h (0.0: none)."""
 
     kind: BlockKind
     activation: Activation
     projections: tuple[Projection, ...]
     guessed: bool  # the block itself holds no activation: named by its config, or a common one tried
-    build: Callable[[nn.Module, nn.Module | None], nn.Module] = dataclasses.field(compare=False, repr=False)
+    build: Callable[[nn.Module, nn.Module | None, float], nn.Module] = dataclasses.field(
+        compare=False, repr=False
+    )
+
+    @property
+    def fuses_hidden_dropout(self) -> bool:
+        """Whether the fused module applies a dropout of h in its kernels (gated and plain MLPs)."""
+        return self.kind in (BlockKind.GATED, BlockKind.PLAIN)
 
     @property
     def shapes(self) -> tuple[tuple[int, int], ...]:
@@ -139,10 +148,15 @@ def block_parts(block: nn.Module) -> BlockParts:
 FUSED_TYPES = (FusedGatedMLP, FusedMLP, FusedLinearAct)
 
 
-def _build(cls: type[nn.Module], block: nn.Module, dropout: nn.Module | None, **kwargs: Any) -> nn.Module:
+def _build(
+    cls: type[nn.Module], block: nn.Module, dropout: nn.Module | None, hidden_dropout: float, **kwargs: Any
+) -> nn.Module:
+    if hidden_dropout:
+        kwargs["hidden_dropout"] = hidden_dropout
     module: nn.Module = (cls if dropout is None else WITH_OUTPUT_DROPOUT[cls]).from_module(block, **kwargs)  # type: ignore[attr-defined]
     if dropout is not None:
         module.dropout = dropout
+    module.training = block.training  # the block's mode, not a fresh module's train mode
     return module
 
 
@@ -171,7 +185,7 @@ def match_gated(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
             act,
             projs,
             parts.guessed,
-            lambda b, d, a=act: _build(FusedGatedMLP, b, d, activation=a, layout=layout),
+            lambda b, d, p, a=act: _build(FusedGatedMLP, b, d, p, activation=a, layout=layout),
         )
         for act in parts.activations
     ]
@@ -191,7 +205,7 @@ def match_plain(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
             act,
             parts.projections,
             parts.guessed,
-            lambda b, d, a=act: _build(FusedMLP, b, d, activation=a, layout=layout),
+            lambda b, d, p, a=act: _build(FusedMLP, b, d, p, activation=a, layout=layout),
         )
         for act in parts.activations
     ]
@@ -208,7 +222,7 @@ def match_linear_act(_block: nn.Module, parts: BlockParts) -> list[Candidate]:
             act,
             parts.projections,
             False,
-            lambda b, d, a=act: _build(FusedLinearAct, b, d, name=proj.name, activation=a),
+            lambda b, d, p, a=act: _build(FusedLinearAct, b, d, p, name=proj.name, activation=a),
         )
         for act in parts.explicit
     ]
@@ -227,12 +241,39 @@ def match_narrow_stack(block: nn.Module, parts: BlockParts) -> list[Candidate]:
             act,
             parts.projections,
             False,
-            lambda b, d: FusedSequentialMLP.from_module(b),
+            lambda b, d, p: FusedSequentialMLP.from_module(b),
         )
     ]
 
 
 MATCHERS: list[Matcher] = [match_narrow_stack, match_gated, match_plain, match_linear_act]
+
+
+def conv_mlp(block: nn.Module) -> SkippedBlock | None:
+    """The report line for an MLP of pointwise (1x1) convolutions on channels-first maps (timm's
+    ConvMlp, ConvNeXt with conv_mlp, PoolFormer, SwiftFormer, EfficientFormer): a look-alike
+    fusedmlp does not fuse, reported so that a user sees why it stayed."""
+    convs = [
+        (name, c)
+        for name, c in block.named_children()
+        if isinstance(c, (nn.Conv1d, nn.Conv2d)) and set(c.kernel_size) == {1} and c.groups == 1
+    ]
+    acts = declared_activations(block).explicit
+    if len(convs) < 2 or not acts or block._parameters:
+        return None
+    conv_ids = {id(c) for _, c in convs}
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    if any(c.state_dict() and id(c) not in conv_ids and not isinstance(c, norms) for c in block.children()):
+        return None  # holds more than pointwise convolutions and norms: a larger block
+    names = "/".join(n for n, _ in convs)
+    return SkippedBlock(
+        "",
+        f"an MLP of 1x1 convolutions ({names}) on channels-first maps: fusedmlp fuses nn.Linear "
+        "projections (channels-last) only",
+        "conv",
+        acts[0].value,
+        tuple((c.in_channels, c.out_channels) for _, c in convs),
+    )
 
 
 def candidates(block: nn.Module) -> list[Candidate]:

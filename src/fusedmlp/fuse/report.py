@@ -48,6 +48,11 @@ class FusedBlock:
     shapes: Shapes
     replacement: str  # class name of the fused module
     check: str  # the numerics-contract line of the proof, in the model's dtype
+    hidden_dropout: float = 0.0  # p of the block's dropout of h, now applied in the kernels
+
+
+def _result(f: FusedBlock) -> str:
+    return f"-> {f.replacement}" + (f" (dropout of h p={f.hidden_dropout:g})" if f.hidden_dropout else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +78,7 @@ class FuseReport:
         title = f"fusedmlp.fuse: {len(self.fused)} {verb}, {len(self.skipped)} skipped"
         table = _table(title, ("module", "kind", "activation", "shapes", "result"))
         for f in self.fused:
-            _row(table, f.path, f.kind, f.activation, _shapes(f.shapes), f"-> {f.replacement}")
+            _row(table, f.path, f.kind, f.activation, _shapes(f.shapes), _result(f))
         for s in self.skipped:
             _row(table, s.path, s.kind, s.activation, _shapes(s.shapes), f"skipped: {s.reason}")
         return table

@@ -83,7 +83,8 @@ def _try(
     else the record and, when proven, the fused module."""
     cands = find.candidates(block)
     if not cands:
-        return None
+        skipped = find.conv_mlp(block)
+        return None if skipped is None else (dataclasses.replace(skipped, path=path), None)
     if reason := sharing.problem(block) or verify.call_problem(block, parent, name):
         if all(c.guessed for c in cands):  # nothing but its shapes says it is an MLP: not reported
             return None
@@ -101,6 +102,7 @@ def _try(
                 cand.shapes,
                 type(proof.module).__name__,  # the proven replacement
                 str(proof.checks[-1]),
+                float(getattr(proof.module, "hidden_dropout", 0.0)),
             )
             return record, proof.module
         failures.append(f"[{cand.describe()}] {proof.reason}")

@@ -2,10 +2,11 @@
 
 Structural guessing is only safe because of this step. For one candidate it checks, in order:
 1. the state_dict is unchanged (same keys, order, values): nothing of the block is left out;
-2. the block does not behave differently in training (dropout inside the block, batch
-   statistics): its output in train mode, with its own output dropout held in eval, must equal
-   its eval output bit for bit; an output dropout, found by watching which dropout produced the
-   block's output, is kept and applied by the fused module;
+2. the block does not behave differently in training but for its dropouts on h (between the
+   activation and the output projection) and on its output, found by watching which tensors
+   the dropouts produce: its output in train mode, with those held in eval, must equal its eval
+   output bit for bit (batch statistics, a dropout elsewhere: refused); the fused module applies
+   the dropout of h in its kernels (same p and scaling) and keeps the output dropout module;
 3. on random inputs spanning small to large magnitudes (where clipped or saturating activations
    differ from their look-alikes) the candidate agrees with the block under the numerics contract,
    against a float64 copy: in fp32 on a copy with fresh random weights (so that the proof cannot
@@ -79,14 +80,36 @@ def modes_restored(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _output_dropout(block: nn.Module, x: Tensor) -> tuple[Tensor, str | None]:
-    """The block's (eval) output on ``x``, and the name of the dropout child that produced it."""
-    outputs: dict[str, object] = {}
+@dataclasses.dataclass(frozen=True)
+class Dropouts:
+    """Where a block's dropouts act: ``output`` on its output (the child's name), ``hidden`` on the
+    output projection's input, h (the child's name). One module may be both (VitDet, FocalNet
+    call one nn.Dropout twice)."""
+
+    output: str | None = None
+    hidden: str | None = None
+
+    def output_module(self, block: nn.Module) -> nn.Module | None:
+        return block.get_submodule(self.output) if self.output else None
+
+    def hidden_p(self, block: nn.Module) -> float:
+        return float(block.get_submodule(self.hidden).p) if self.hidden else 0.0  # type: ignore[arg-type]
+
+
+def _dropouts(block: nn.Module, x: Tensor, out_proj: str) -> tuple[Tensor, Dropouts | str]:
+    """The block's (eval) output on ``x``, and where its dropouts act; a reason instead where a
+    dropout acts anywhere else (on the input, between the projections and the activation...),
+    which the fused module could not reproduce. In eval a dropout returns its input itself,
+    which is how its output is recognised downstream."""
+    calls: list[tuple[str, object]] = []
+    proj_inputs: list[object] = []
     hooks = [
-        child.register_forward_hook(lambda _m, _i, out, n=name: outputs.__setitem__(n, out))
+        child.register_forward_hook(lambda _m, _i, out, n=name: calls.append((n, out)))
         for name, child in block.named_children()
         if isinstance(child, _DropoutNd)
     ]
+    proj = block.get_submodule(out_proj)
+    hooks.append(proj.register_forward_pre_hook(lambda _m, args: proj_inputs.append(args[0])))
     try:
         y = block(x)
     finally:
@@ -94,14 +117,28 @@ def _output_dropout(block: nn.Module, x: Tensor) -> tuple[Tensor, str | None]:
             h.remove()
     if not isinstance(y, Tensor):
         raise TypeError(f"the block returns {type(y).__name__}, not a tensor")
-    return y, next((n for n, out in outputs.items() if out is y), None)
+    output = hidden = None
+    for name, out in calls:
+        if out is y and output is None:
+            output = name
+        elif any(out is p for p in proj_inputs) and hidden is None:
+            if type(block.get_submodule(name)) is not nn.Dropout:
+                kind = type(block.get_submodule(name)).__name__
+                return y, f"its {kind} {name} on h is not an elementwise nn.Dropout, which the kernels apply"
+            hidden = name
+        else:
+            return y, f"its dropout {name} acts elsewhere than on h or on the output: not fusable"
+    return y, Dropouts(output, hidden)
 
 
-def _changes_in_training(block: nn.Module, x: Tensor, y_eval: Tensor, output_dropout: str | None) -> bool:
+def _changes_in_training(block: nn.Module, x: Tensor, y_eval: Tensor, dropouts: Dropouts) -> bool:
+    """Whether the block's train-mode output differs from its eval output with its known dropouts
+    held in eval: then something else (batch statistics, another dropout) depends on the mode."""
     with modes_restored(block):
         block.train()
-        if output_dropout is not None:
-            block.get_submodule(output_dropout).eval()
+        for name in (dropouts.output, dropouts.hidden):
+            if name is not None:
+                block.get_submodule(name).eval()
         return not torch.equal(block(x), y_eval)
 
 
@@ -157,6 +194,22 @@ def _not_swappable(block: nn.Module) -> str:
             return f"has hooks{where}, which the fused module would not run"
         if "forward" in vars(m):  # patched on the instance, e.g. by accelerate's offloading hooks
             return f"its forward is patched on the instance{where}"
+    names: dict[int, str] = {}
+    for name, child in block._modules.items():  # every registration: named_children() drops repeats
+        if child is not None and names.setdefault(id(child), name) != name:
+            return f"{names[id(child)]} and {name} are one module (tied); a merged weight would untie them"
+    for name, child in block.named_children():
+        if isinstance(child, nn.Linear) and type(child).forward is not nn.Linear.forward:
+            kind = type(child).__name__
+            return f"its projection {name} is a {kind} with its own forward (quantized or adapted)"
+    tensors = [(n, t) for n, t in block.state_dict().items() if isinstance(t, Tensor)]
+    if odd := [f"{n} ({t.dtype})" for n, t in tensors if not t.is_floating_point()]:
+        return f"holds non-floating-point weights ({', '.join(odd[:2])}): quantized layers are not fused"
+    if len(dtypes := {t.dtype for _, t in tensors}) > 1:
+        listed = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        return f"mixes weight dtypes ({listed}); the fused kernels take one"
+    if len({t.device for _, t in tensors}) > 1:
+        return "its weights are on several devices"
     flags = {p.requires_grad for p in block.parameters()}
     if len(flags) > 1:
         return "mixes frozen and trainable weights, which a merged weight cannot"
@@ -255,7 +308,8 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
     }
     if outside := [k for k in block.state_dict() if k not in covered]:
         more = ", ..." if len(outside) > 3 else ""
-        return Proof(None, f"holds state outside its projections ({', '.join(outside[:3])}{more})")
+        listed = ", ".join(outside[:3]) + more
+        return Proof(None, f"holds state outside its projections ({listed}): more than an MLP")
     generator = torch.Generator(device=device).manual_seed(PROOF_SEED)
     x64 = torch.randn(
         *PROOF_LEAD,
@@ -275,11 +329,16 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
             # The probe has fresh random fp32 weights: with the model's own weights a proof could
             # pass by accident (a zero-initialised output projection makes every guess agree).
             probe = _randomized(block, generator)
-            y, drop_name = _output_dropout(probe, x64.float())
-            if _changes_in_training(probe, x64.float(), y, drop_name):
-                return Proof(None, "output changes in training mode (dropout or batch statistics inside)")
-            dropout = (lambda b: b.get_submodule(drop_name)) if drop_name else (lambda b: None)
-            fused = candidate.build(block, dropout(block))
+            y, roles = _dropouts(probe, x64.float(), candidate.projections[-1].name)
+            if isinstance(roles, str):
+                return Proof(None, roles)
+            if _changes_in_training(probe, x64.float(), y, roles):
+                return Proof(None, "output changes in training mode (batch statistics or randomness inside)")
+            if roles.hidden and not candidate.fuses_hidden_dropout:
+                into = candidate.projections[-1].name
+                kind = candidate.kind.value
+                return Proof(None, f"its dropout {roles.hidden} feeds {into}: {kind} blocks do not fuse it")
+            fused = candidate.build(block, roles.output_module(block), roles.hidden_p(block))
             fused.requires_grad_(param.requires_grad)  # a frozen block stays frozen
             if not state_dict_equal(fused.state_dict(), block.state_dict()):
                 missing = sorted(set(block.state_dict()) - set(fused.state_dict()))
@@ -287,7 +346,11 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
             # One at a time, so that the probe's copies are gone before the block's are made.
             probe.requires_grad_(True)
             checks = _check_with_grads(
-                "fp32, random weights", probe, candidate.build(probe, dropout(probe)), x64.float(), generator
+                "fp32, random weights",
+                probe,
+                candidate.build(probe, roles.output_module(probe), roles.hidden_p(probe)),
+                x64.float(),
+                generator,
             )
             del probe
             checks.append(_check(f"{dtype}, model weights", block, fused, x64.to(dtype)))

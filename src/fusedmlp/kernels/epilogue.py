@@ -132,6 +132,16 @@ def relu6_bwd(x, grad):
 
 
 @triton.jit
+def dropout_keep(seed_ptr, rows, cols, width, col0, p):
+    """Which elements of an [M, width] tensor dropout keeps: a Philox uniform >= p, from the seed
+    torch's generator drew (so torch.manual_seed governs it) and the element's flat index
+    row * width + col0 + col. A backward regenerates the same mask from the same seed and
+    indices: no mask is stored. ``col0``: the first column of a block of columns."""
+    seed = tl.load(seed_ptr)
+    return tl.rand(seed, rows * width + col0 + cols) >= p
+
+
+@triton.jit
 def act(x, ACT: tl.constexpr):
     """act(x) for fp32 x."""
     if ACT == SILU:

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..activations import Activation
 from . import gemm
-from .epilogue import act
+from .dropout import Dropout
+from .epilogue import act, dropout_keep
 from .gemm import mainloop, tile_coords
 from .profile import Cost, KernelProfile
 from .runtime import dot_precision, to_storage
@@ -38,6 +39,8 @@ def _gemm_act_kernel(
     M_BUCKET,  # autotune key only
     # strides (rows; columns are unit-stride). x and w strides serve the pointer path only
     stride_xm, stride_wn, stride_hm, stride_pm,
+    # dropout of h (DROPOUT): the seed's address, p, 1 / (1 - p), the mask's width and first column
+    seed_ptr, drop_p, drop_scale, drop_width, drop_col0,
     # meta
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -45,6 +48,7 @@ def _gemm_act_kernel(
     PERSISTENT: tl.constexpr,  # one program per SM walking the tiles (else one per tile)
     WARP_SPEC: tl.constexpr,  # producer/consumer warp specialisation of the K loop
     DEVICE_DESC: tl.constexpr = False,  # x and w are pointers; TMA descriptors are made here
+    DROPOUT: tl.constexpr = False,  # h dropped in the epilogue (kernels/dropout.py)
 ):
     if DEVICE_DESC:  # launches from traced code, which can pass no host descriptor
         x = tl.make_tensor_descriptor(x, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -82,6 +86,9 @@ def _gemm_act_kernel(
         h = act(acc_g, ACT)
         if GATED:
             h = h * acc_u
+        if DROPOUT:
+            keep = dropout_keep(seed_ptr, rows, cols[None, :], drop_width, drop_col0, drop_p)
+            h = tl.where(keep, h * drop_scale, 0.0)
         tl.store(h_ptr + rows * stride_hm + cols[None, :], to_storage(h, h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -165,6 +172,7 @@ def gemm_act(
     config: triton.Config | None = None,
     traced: bool = False,
     out: Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(h, pre): h = act(x @ Wg^T + bg) * (x @ Wu^T + bu) when ``gated`` (w = [Wg; Wu]), else
     h = act(x @ W^T + b); ``pre`` = x @ w^T + bias when ``store_preact``, else None.
@@ -173,6 +181,8 @@ def gemm_act(
     ``allow_tf32``. ``config`` forces a kernel config on CUDA (no autotuning). ``traced``: called
     from a triton_op body (torch.compile): launched through wrap_triton, descriptors made on the
     device, the config picked without timing. ``out``: a [M, N] buffer (or view) for h.
+    ``dropout``: h dropped in the epilogue, as nn.Dropout drops it (kernels/dropout.py); ``pre``
+    is stored undropped.
     """
     M, K = x.shape
     rows, k_w = w.shape
@@ -193,12 +203,14 @@ def gemm_act(
     # and no tensor-map encoding on the host, which dominates a launch this short.
     use_tma = M > 64 and gemm.tma_ok(x, w, traced=traced)
     pre_or_h = pre if pre is not None else h
+    drop = dropout.args() if dropout is not None else Dropout.no_args(h, N)
     if traced:
         args = (x, w, bias if bias is not None else w, h, pre_or_h, M, N, K, gemm.m_bucket(M),
-                x.stride(0), w.stride(0), h.stride(0), pre_or_h.stride(0))
+                x.stride(0), w.stride(0), h.stride(0), pre_or_h.stride(0), *drop)
         meta = {
             "ACT": activation.code, "GATED": gated, "HAS_BIAS": bias is not None, "STORE_PRE": store_preact,
             "USE_TMA": use_tma, "DOT_PRECISION": dot_precision(x.dtype, allow_tf32), "DEVICE_DESC": use_tma,
+            "DROPOUT": dropout is not None,
         }
         key = (args[8], N, K, x.dtype, gated, bias is not None, store_preact, use_tma,
                meta["DOT_PRECISION"], x.device.index)
@@ -209,11 +221,12 @@ def gemm_act(
         bias if bias is not None else w, h, pre_or_h,
         M, N, K, gemm.m_bucket(M),
         x.stride(0), w.stride(0), h.stride(0), pre_or_h.stride(0),
+        *drop,
     )
     precision = dot_precision(x.dtype, allow_tf32)
     meta = {
         "ACT": activation.code, "GATED": gated, "HAS_BIAS": bias is not None, "STORE_PRE": store_preact,
-        "USE_TMA": use_tma, "DOT_PRECISION": precision,
+        "USE_TMA": use_tma, "DOT_PRECISION": precision, "DROPOUT": dropout is not None,
     }
     if not x.is_cuda:
         LAUNCHER.interpret(args, meta, M, N)

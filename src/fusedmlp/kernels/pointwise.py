@@ -19,7 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..activations import Activation
-from .epilogue import act, act_and_grad
+from .dropout import Dropout
+from .epilogue import act, act_and_grad, dropout_keep
 from .launch import PlannedKernel, plan_key, traced_launch
 from .profile import KernelProfile
 from .runtime import cdiv, next_power_of_2, to_storage
@@ -33,8 +34,11 @@ def _act_fwd_kernel(
     M, N,
     # row strides (columns are unit-stride)
     stride_xm, stride_um, stride_hm,
+    # dropout of h (DROPOUT): the seed's address, p, 1 / (1 - p), the mask's width and first column
+    seed_ptr, drop_p, drop_scale, drop_width, drop_col0,
     # meta
     ACT: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,6 +49,8 @@ def _act_fwd_kernel(
     h = act(tl.load(x_ptr + rows * stride_xm + cols, mask=mask).to(tl.float32), ACT)
     if GATED:
         h = h * tl.load(up_ptr + rows * stride_um + cols, mask=mask).to(tl.float32)
+    if DROPOUT:
+        h = tl.where(dropout_keep(seed_ptr, rows, cols, drop_width, drop_col0, drop_p), h * drop_scale, 0.0)
     tl.store(h_ptr + rows * stride_hm + cols, to_storage(h, h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -56,9 +62,12 @@ def _act_bwd_kernel(
     M, N,
     # row strides (columns are unit-stride)
     stride_dhm, stride_xm, stride_um, stride_dxm, stride_dum, stride_hm,
+    # dropout of h in the forward (DROPOUT): dh is the gradient of the dropped h; the mask is
+    # regenerated (epilogue.dropout_keep), h stored dropped
+    seed_ptr, drop_p, drop_scale, drop_width, drop_col0,
     # meta
     ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,16 +77,20 @@ def _act_bwd_kernel(
 
     dh = tl.load(dh_ptr + rows * stride_dhm + cols, mask=mask).to(tl.float32)
     x = tl.load(x_ptr + rows * stride_xm + cols, mask=mask).to(tl.float32)
+    if DROPOUT:  # d h = d(dropped h) * keep / (1 - p), as torch's dropout backward computes it
+        keep = dropout_keep(seed_ptr, rows, cols, drop_width, drop_col0, drop_p)
+        dh = dh * tl.where(keep, drop_scale, 0.0)
     if GATED:
         u = tl.load(up_ptr + rows * stride_um + cols, mask=mask).to(tl.float32)
         a, dx = act_and_grad(x, dh * u, ACT)
         tl.store(dup_ptr + rows * stride_dum + cols, to_storage(dh * a, dup_ptr.dtype.element_ty), mask=mask)
-        if STORE_H:
-            tl.store(h_ptr + rows * stride_hm + cols, to_storage(a * u, h_ptr.dtype.element_ty), mask=mask)
+        a = a * u
     else:
         a, dx = act_and_grad(x, dh, ACT)
-        if STORE_H:
-            tl.store(h_ptr + rows * stride_hm + cols, to_storage(a, h_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        if DROPOUT:  # the forward's dropped h: exactly 0 where dropped, as there
+            a = tl.where(keep, a * drop_scale, 0.0)
+        tl.store(h_ptr + rows * stride_hm + cols, to_storage(a, h_ptr.dtype.element_ty), mask=mask)
     tl.store(dx_ptr + rows * stride_dxm + cols, to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -107,10 +120,16 @@ def _check_rows(name: str, t: Tensor, M: int, N: int) -> None:
 
 
 def gated_act_forward(
-    x: Tensor, up: Tensor | None, activation: Activation, out: Tensor | None = None, traced: bool = False
+    x: Tensor,
+    up: Tensor | None,
+    activation: Activation,
+    out: Tensor | None = None,
+    traced: bool = False,
+    dropout: Dropout | None = None,
 ) -> Tensor:
     """h = act(x) * up (or act(x) when up is None) over 2-D views [M, N]; returns h [M, N].
-    ``traced``: launched from a triton_op body (torch.compile), through wrap_triton."""
+    ``traced``: launched from a triton_op body (torch.compile), through wrap_triton.
+    ``dropout``: h dropped as nn.Dropout drops it (kernels/dropout.py)."""
     M, N = x.shape
     _check_rows("x", x, M, N)
     if up is not None:
@@ -125,8 +144,12 @@ def gated_act_forward(
         x, x if up is None else up, h,
         M, N,
         x.stride(0), 0 if up is None else up.stride(0), h.stride(0),
+        *(dropout.args() if dropout is not None else Dropout.no_args(x, N)),
     )
-    meta = {"ACT": activation.code, "GATED": up is not None, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    meta = {
+        "ACT": activation.code, "GATED": up is not None, "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "DROPOUT": dropout is not None,
+    }
     if traced:
         traced_launch(_act_fwd_kernel, grid, args, meta, num_warps=warps)
     else:
@@ -143,10 +166,12 @@ def gated_act_backward(
     dup: Tensor | None,
     h: Tensor | None = None,
     traced: bool = False,
+    dropout: Dropout | None = None,
 ) -> None:
     """Writes dx (and dup when gated) of h = act(x) * up given dh, and h itself when given
     (the training backward needs it for the down-projection's weight gradient); 2-D views [M, N].
-    ``traced``: as for :func:`gated_act_forward`."""
+    ``traced``: as for :func:`gated_act_forward`. ``dropout``: the forward's dropout of h: dh is
+    the gradient of the dropped h, the mask is regenerated, h is written dropped."""
     M, N = x.shape
     for name, t in (("dh", dh), ("x", x), ("up", up), ("dx", dx), ("dup", dup), ("h", h)):
         if t is not None:
@@ -162,10 +187,11 @@ def gated_act_backward(
         M, N,
         dh.stride(0), x.stride(0), 0 if up is None else up.stride(0), dx.stride(0),
         0 if dup is None else dup.stride(0), 0 if h is None else h.stride(0),
+        *(dropout.args() if dropout is not None else Dropout.no_args(x, N)),
     )
     meta = {
         "ACT": activation.code, "GATED": up is not None, "STORE_H": h is not None,
-        "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "DROPOUT": dropout is not None,
     }
     if traced:
         traced_launch(_act_bwd_kernel, grid, args, meta, num_warps=warps)

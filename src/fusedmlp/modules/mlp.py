@@ -66,8 +66,10 @@ class _FusedMLPBase(_OneInput):
         layout: StateLayout | None,
         out_features: int | None = None,
         recompute: str | Recompute = Recompute.ACTIVATION,
+        hidden_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.hidden_dropout = functional.check_p(hidden_dropout)
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -100,7 +102,9 @@ class _FusedMLPBase(_OneInput):
         p = self._parameters  # one dict read per parameter (nn.Module.__getattr__ costs more)
         w_in, b_in, w_out, b_out = p["in_weight"], p.get("in_bias"), p["out_weight"], p.get("out_bias")
         functional.check_mlp(x, w_in, b_in, w_out, b_out, self.GATED, _PARAM_NAMES)  # type: ignore[arg-type]
-        return functional.run_mlp(x, w_in, b_in, w_out, b_out, self.activation, self.GATED, self.recompute)  # type: ignore[arg-type]
+        p_drop = self.hidden_dropout if self.training else 0.0
+        act, gated, level = self.activation, self.GATED, self.recompute
+        return functional.run_mlp(x, w_in, b_in, w_out, b_out, act, gated, level, p_drop)  # type: ignore[arg-type]
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, applied to each projection."""
@@ -116,6 +120,7 @@ class _FusedMLPBase(_OneInput):
             f"activation={self.activation.value}, recompute={self.recompute.value}, "
             f"bias=({self.in_bias is not None}, "
             f"{self.out_bias is not None}), layout={self.layout}"
+            + (f", hidden_dropout={self.hidden_dropout}" if self.hidden_dropout else "")
         )
 
     def source_grads(self) -> dict[str, Tensor]:
@@ -130,13 +135,16 @@ class _FusedMLPBase(_OneInput):
         activation: str | Activation | None = None,
         layout: StateLayout | None = None,
         recompute: str | Recompute = Recompute.ACTIVATION,
+        hidden_dropout: float = 0.0,
     ) -> _FusedMLPBase:
         """A fused module holding ``mlp``'s current weights (same device and dtype).
 
         ``mlp`` has children named like gate_proj/up_proj/down_proj (gated) or fc1/fc2 (plain);
         pass ``layout`` for other names. The activation is read from an attribute such as
         ``act_fn`` unless given. ``recompute``: what training saves for the backward
-        (:class:`Recompute`). The result's state_dict equals ``mlp``'s.
+        (:class:`Recompute`). ``hidden_dropout``: nn.Dropout's p for h, in training mode (what a
+        dropout between the activation and the output projection does). The result's
+        state_dict equals ``mlp``'s.
         """
         layout = layout or cls._find_layout(mlp)
         children = [mlp.get_submodule(n) for n in (*layout.inputs, layout.output)]
@@ -170,6 +178,7 @@ class _FusedMLPBase(_OneInput):
             layout=layout,
             out_features=w_out.shape[0],
             recompute=recompute,
+            hidden_dropout=hidden_dropout,
         )
         with torch.no_grad():
             fused.in_weight.copy_(w_in)
@@ -217,9 +226,11 @@ class FusedGatedMLP(_FusedMLPBase):
         layout: StateLayout | None = None,
         out_features: int | None = None,
         recompute: str | Recompute = Recompute.ACTIVATION,
+        hidden_dropout: float = 0.0,
     ) -> None:
         super().__init__(
-            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute
+            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute,
+            hidden_dropout,
         )
 
 
@@ -247,9 +258,11 @@ class FusedMLP(_FusedMLPBase):
         layout: StateLayout | None = None,
         out_features: int | None = None,
         recompute: str | Recompute = Recompute.ACTIVATION,
+        hidden_dropout: float = 0.0,
     ) -> None:
         super().__init__(
-            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute
+            hidden_size, intermediate_size, activation, bias, device, dtype, layout, out_features, recompute,
+            hidden_dropout,
         )
 
 

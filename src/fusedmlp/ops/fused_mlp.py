@@ -27,6 +27,7 @@ from torch.library import triton_op
 
 from .. import reference
 from ..activations import Activation
+from ..kernels.dropout import Dropout
 from ..kernels.profile import KernelProfile
 from ..options import Recompute, kernel_options
 from .dispatch import fused_gemm_ok, rows, use_triton
@@ -55,23 +56,29 @@ def mlp_forward(
     inference: bool,
     out: Tensor | None = None,
     traced: bool = False,
+    dropout: Dropout | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(y, pre, h) for 2-D x [M, D]: ``pre`` (gate|up before the activation) and ``h`` are
     returned where training at this ``recompute`` level saves them (never in ``inference``).
-    ``out``: a [M, D_out] buffer (or view) for y. ``traced``: inside a triton_op body."""
+    ``out``: a [M, D_out] buffer (or view) for y. ``traced``: inside a triton_op body.
+    ``dropout``: h dropped before the output projection (the returned h is the dropped one)."""
     store_pre = not inference and recompute.saves_preactivation
     kernels = use_triton(x, w_in, b_in, w_out, b_out, traced=traced)
     if kernels and fused_gemm_ok(x.dtype):
         h, pre = _k_gemm.gemm_act(
-            x, w_in, b_in, act, gated, store_preact=store_pre, allow_tf32=_allow_tf32(), traced=traced
+            x, w_in, b_in, act, gated, store_preact=store_pre, allow_tf32=_allow_tf32(), traced=traced,
+            dropout=dropout,
         )
     elif kernels:  # fp32: cuBLAS, then the pointwise kernel
         pre = F.linear(x, w_in, b_in)
         H = pre.shape[1] // 2 if gated else pre.shape[1]
-        h = _k_pointwise.gated_act_forward(pre[:, :H], pre[:, H:] if gated else None, act, traced=traced)
+        up = pre[:, H:] if gated else None
+        h = _k_pointwise.gated_act_forward(pre[:, :H], up, act, traced=traced, dropout=dropout)
     else:
         pre = F.linear(x, w_in, b_in)
         h = reference.gated_act(*reference.split_gate_up(pre), act) if gated else act(pre)
+        if dropout is not None:
+            h = h * dropout.mask(h.shape[0], h.shape[1], h.dtype)
     if out is None:
         y = F.linear(h, w_out, b_out)
     elif b_out is None:
@@ -91,13 +98,18 @@ def _pointwise_backward(
     dup: Tensor | None,
     h: Tensor | None,
     traced: bool = False,
+    dropout: Dropout | None = None,
 ) -> None:
     """Writes d(gate) (and d(up) when gated) of h = act(gate) * up given dh, and h where given;
     outputs may alias inputs (in place). The Triton kernel where it serves these tensors, else
-    the torch reference."""
+    the torch reference. ``dropout``: the forward dropped h: dh is the dropped h's gradient, and
+    h is written dropped."""
     if use_triton(dh, gate, up, traced=traced):
-        _k_pointwise.gated_act_backward(dh, gate, up, act, dgate, dup, h, traced=traced)
+        _k_pointwise.gated_act_backward(dh, gate, up, act, dgate, dup, h, traced=traced, dropout=dropout)
         return
+    keep = dropout.mask(dh.shape[0], dh.shape[1], dh.dtype) if dropout is not None else None
+    if keep is not None:
+        dh = dh * keep
     if up is None:
         # act(gate) is gate itself for the identity: copied, since dgate may overwrite gate
         h_val = (act(gate) if act is not Activation.IDENTITY else gate.clone()) if h is not None else None
@@ -105,6 +117,8 @@ def _pointwise_backward(
     else:
         dg, du = reference.gated_act_backward(dh, gate, up, act)
         results = (dg, du, reference.gated_act(gate, up, act) if h is not None else None)
+    if keep is not None and results[2] is not None:
+        results = (results[0], results[1], results[2] * keep)
     for dst, src in zip((dgate, dup, h), results, strict=True):  # every input read before any write
         if dst is not None and src is not None:
             dst.copy_(src)
@@ -124,6 +138,7 @@ def mlp_backward_impl(
     in_place: bool = False,
     dw_out: Tensor | None = None,
     traced: bool = False,
+    dropout: Dropout | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """(dx, dw_in, db_in, dw_out, db_out) of the MLP: the implementation behind :func:`mlp_backward`.
 
@@ -132,15 +147,17 @@ def mlp_backward_impl(
     ``in_place``: d(gate|up) overwrites ``pre`` (each element is read, then written, by the same
     program), which takes 2H elements per token off the backward's peak memory; ``pre`` is
     garbage afterwards. ``dw_out``: W_out's gradient, already taken by a caller that then freed h.
-    ``traced``: inside a triton_op body.
+    ``traced``: inside a triton_op body. ``dropout``: the forward's dropout of h (its mask is
+    regenerated; a saved ``h`` or ``dw_out`` is of the dropped h).
     """
     options = kernel_options()
     if pre is None and dw_out is None and w_out.shape[1] > options.recompute_block_width:
-        return _backward_recompute_blocks(dy, x, w_in, b_in, w_out, act, gated, has_b_out, traced)
+        return _backward_recompute_blocks(dy, x, w_in, b_in, w_out, act, gated, has_b_out, traced, dropout)
     if pre is None:
         pre, in_place = F.linear(x, w_in, b_in), True  # a buffer of our own
     need_h = h is None and dw_out is None
-    if use_triton(dy, pre, traced=traced) and options.fused_backward_gemm and fused_gemm_ok(dy.dtype):
+    fused_dh = options.fused_backward_gemm and dropout is None and fused_gemm_ok(dy.dtype)
+    if fused_dh and use_triton(dy, pre, traced=traced):
         # dh = dy @ W_out lives only in the GEMM's registers: its epilogue writes d(gate|up)
         dpre, h_new = _k_gemm_bwd.gemm_act_backward(
             dy,
@@ -161,7 +178,7 @@ def mlp_backward_impl(
             h = dh if in_place else torch.empty_like(dh)
         H = dh.shape[1]
         up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
-        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None, traced)
+        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None, traced, dropout)
         del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
     if dw_out is None:
         # Output projection's gradients first, so that h is freed before the two GEMMs over
@@ -190,6 +207,7 @@ def _backward_recompute_blocks(
     gated: bool,
     has_b_out: bool,
     traced: bool = False,
+    dropout: Dropout | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """The backward of Recompute.GEMM over blocks of hidden columns j.
 
@@ -203,14 +221,16 @@ def _backward_recompute_blocks(
     width = max(kernel_options().recompute_block_width, -(-H // GEMM_RECOMPUTE_BLOCKS))
     dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
     db_in = torch.empty_like(b_in) if b_in is not None else None
-    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    # fp32 accumulation for the storage dtypes, never less than x's own precision (fp64 stays fp64)
+    dx = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     for j0 in range(0, H, width):
         j1 = min(j0 + width, H)
         rows = [slice(j0, j1)] + ([slice(H + j0, H + j1)] if gated else [])
         pre = [F.linear(x, w_in[r], None if b_in is None else b_in[r]) for r in rows]
         dh = dy @ w_out[:, j0:j1]
         up = pre[1] if gated else None
-        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh, traced)  # in place
+        block_drop = dropout.block(j0) if dropout is not None else None
+        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh, traced, block_drop)  # in place
         dpre, h = pre, dh  # gate|up now hold their gradients, dh holds h
         del pre, up, dh
         torch.mm(dy.t(), h, out=dw_out[:, j0:j1])
@@ -232,13 +252,20 @@ def _output(x: Tensor, w_out: Tensor) -> tuple[Tensor, Tensor]:
     return y, y.view(-1, w_out.shape[0])
 
 
+def _dropout(p: float, w_out: Tensor, x: Tensor) -> Dropout | None:
+    return Dropout.draw(p, w_out.shape[1], x.device) if p > 0.0 else None
+
+
 def mlp_inference(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, act: Activation,
-    gated: bool,
+    gated: bool, dropout_p: float = 0.0,
 ) -> Tensor:
-    """The forward where no gradient is wanted: no autograd node, nothing saved."""
+    """The forward where no gradient is wanted: no autograd node, nothing saved. ``dropout_p``:
+    h dropped before the output projection (a module in training mode under torch.no_grad)."""
     y, y2 = _output(x, w_out)
-    mlp_forward(rows(x), w_in, b_in, w_out, b_out, act, gated, Recompute.ACTIVATION, True, out=y2)
+    drop = _dropout(dropout_p, w_out, x)
+    level = Recompute.ACTIVATION
+    mlp_forward(rows(x), w_in, b_in, w_out, b_out, act, gated, level, True, out=y2, dropout=drop)
     return y
 
 
@@ -259,10 +286,14 @@ class MLPFunction(torch.autograd.Function):
         act: Activation,
         gated: bool,
         recompute: Recompute,
+        dropout_p: float = 0.0,
     ) -> Tensor:
         y, y2 = _output(x, w_out)
         x2 = rows(x)
-        _, pre, h = mlp_forward(x2, w_in, b_in, w_out, b_out, act, gated, recompute, False, out=y2)
+        drop = ctx.dropout = _dropout(dropout_p, w_out, x)
+        _, pre, h = mlp_forward(
+            x2, w_in, b_in, w_out, b_out, act, gated, recompute, False, out=y2, dropout=drop
+        )
         ctx.meta = (act, gated, b_out is not None)
         ctx.x_shape = x.shape
         ctx.save_for_backward(x2, w_in, b_in, w_out, pre)
@@ -285,9 +316,9 @@ class MLPFunction(torch.autograd.Function):
         dw_out = dy.t() @ h if h is not None else None
         del h  # its last reference: the peak below no longer holds [tokens, H] of h
         dx, *grads = mlp_backward_impl(
-            dy, x, w_in, b_in, w_out, pre, None, *ctx.meta, in_place=True, dw_out=dw_out
+            dy, x, w_in, b_in, w_out, pre, None, *ctx.meta, in_place=True, dw_out=dw_out, dropout=ctx.dropout
         )
-        return (dx.view(ctx.x_shape), *grads, None, None, None)
+        return (dx.view(ctx.x_shape), *grads, None, None, None, None)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -298,13 +329,17 @@ def _or_none(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 else t
 
 
+def _seeded(seed: Tensor | None, p: float, w_out: Tensor) -> Dropout | None:
+    return Dropout(seed, p, w_out.shape[1]) if seed is not None and p > 0.0 else None
+
+
 def _mlp(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, activation: str,
-    gated: bool, recompute: str, inference: bool, traced: bool,
+    gated: bool, recompute: str, inference: bool, dropout_p: float, seed: Tensor | None, traced: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, pre, h = mlp_forward(
         x, w_in, b_in, w_out, b_out, Activation(activation), gated, Recompute(recompute), inference,
-        traced=traced,
+        traced=traced, dropout=_seeded(seed, dropout_p, w_out),
     )
     return y, _or_empty(pre, x), _or_empty(h, x)
 
@@ -320,20 +355,26 @@ def mlp(
     gated: bool,
     recompute: str,
     inference: bool,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, pre, h) for 2-D x [M, D]; ``pre`` and ``h`` are empty unless training at the
-    ``recompute`` level saves them. A triton_op: under torch.compile the kernels are launched
-    from Inductor's generated code (ops/pointwise.py says how the op dispatches)."""
-    return _mlp(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, traced=True)
+    ``recompute`` level saves them. ``dropout_p`` and ``seed`` (a one-element int64 tensor):
+    h dropped before the output projection (kernels/dropout.py). A triton_op: under
+    torch.compile the kernels are launched from Inductor's generated code (ops/pointwise.py
+    says how the op dispatches)."""
+    args = (x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p, seed)
+    return _mlp(*args, traced=True)
 
 
 @mlp.register_kernel("cpu")
-def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference):  # type: ignore[no-untyped-def]
-    return _mlp(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, traced=False)
+def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
+    args = (x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p, seed)
+    return _mlp(*args, traced=False)
 
 
 @mlp.register_fake
-def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference):  # type: ignore[no-untyped-def]
+def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
     level = Recompute(recompute)
     store_pre = not inference and level.saves_preactivation
     keep_h = not inference and level is Recompute.NONE
@@ -344,11 +385,11 @@ def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference):  # 
 
 def _mlp_backward(
     dy: Tensor, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, pre: Tensor, h: Tensor,
-    activation: str, gated: bool, has_b_out: bool, traced: bool,
+    activation: str, gated: bool, has_b_out: bool, dropout_p: float, seed: Tensor | None, traced: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
         dy.contiguous(), x, w_in, b_in, w_out, _or_none(pre), _or_none(h), Activation(activation), gated,
-        has_b_out, traced=traced,
+        has_b_out, traced=traced, dropout=_seeded(seed, dropout_p, w_out),
     )
     return dx, dw_in, _or_empty(db_in, x), dw_out, _or_empty(db_out, x)
 
@@ -365,19 +406,23 @@ def mlp_backward(
     activation: str,
     gated: bool,
     has_b_out: bool,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; empty ``pre``/``h`` mean recompute
-    them; absent biases get empty gradients."""
-    return _mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, traced=True)
+    them; absent biases get empty gradients; ``dropout_p``/``seed`` as the forward's."""
+    args = (dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
+    return _mlp_backward(*args, traced=True)
 
 
 @mlp_backward.register_kernel("cpu")
-def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out):  # type: ignore[no-untyped-def]
-    return _mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, traced=False)
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
+    args = (dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
+    return _mlp_backward(*args, traced=False)
 
 
 @mlp_backward.register_fake
-def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out):  # type: ignore[no-untyped-def]
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
     return (
         x.new_empty(x.shape),
         w_in.new_empty(w_in.shape),
@@ -388,20 +433,20 @@ def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out):  # type: 
 
 
 def _mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, w_in, b_in, w_out, b_out, activation, gated, _recompute, inference = inputs
-    ctx.meta = (activation, gated, b_out is not None, inference)
-    ctx.save_for_backward(x, w_in, b_in, w_out, output[1], output[2])
+    x, w_in, b_in, w_out, b_out, activation, gated, _recompute, inference, dropout_p, seed = inputs
+    ctx.meta = (activation, gated, b_out is not None, inference, dropout_p)
+    ctx.save_for_backward(x, w_in, b_in, w_out, output[1], output[2], seed)
 
 
 def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor | None, ...]:
-    activation, gated, has_b_out, inference = ctx.meta
+    activation, gated, has_b_out, inference, dropout_p = ctx.meta
     if inference:
         raise RuntimeError("fusedmlp::mlp ran in inference mode (nothing saved), so it cannot run backward")
-    x, w_in, b_in, w_out, pre, h = ctx.saved_tensors
-    grads = mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out)
+    x, w_in, b_in, w_out, pre, h, seed = ctx.saved_tensors
+    grads = mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
     dx, dw_in, db_in, dw_out, db_out = grads
     db_in_ = db_in if b_in is not None else None
-    return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, None, None, None, None)
+    return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, None, None, None, None, None, None)
 
 
 mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
