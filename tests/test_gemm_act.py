@@ -1,11 +1,15 @@
 """The GEMM with the activation in its epilogue, called directly (both load paths)."""
 
+import copy
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, assert_contract
 
-from fusedmlp import ops, reference
+from fusedmlp import ops, options, reference
 from fusedmlp.activations import Activation
 
 gemm = pytest.importorskip("fusedmlp.kernels.gemm_act")
@@ -117,3 +121,52 @@ def test_gemm_act_backward_contract(M, D, N, gated, dtype):
     out, none = bwd.gemm_act_backward(dy, w_out, pre2, act, gated, dpre=pre2, store_h=False)
     assert none is None and out.data_ptr() == pre2.data_ptr()
     torch.testing.assert_close(out, dpre)  # another specialisation: equal up to an ulp
+
+
+class _FakeAutotuner:
+    """Triton's autotuner as far as the Launcher sees it: run() times configs and leaves its pick
+    on itself (best_config), shared by every key; a sleep widens the window a race needs."""
+
+    def __init__(self):
+        self.best_config = None
+        self.runs = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.best_config = args[0]  # the pick for this call
+            self.runs.append(args[0])
+            time.sleep(0.01)
+
+        return run
+
+
+def test_launcher_first_calls_from_many_threads():
+    """Concurrent first calls tune one at a time: each key keeps its own pick, each key is tuned
+    once, and the tuned launches that follow need no lock."""
+    from fusedmlp.kernels import gemm
+    from fusedmlp.kernels.gemm_act import LAUNCHER
+
+    launcher = copy.copy(LAUNCHER)  # the same kernel and configs; its own state
+    launcher.tuned, launcher.untuned = {}, {}
+    launcher._tuning = threading.Lock()
+    launcher.autotuned = _FakeAutotuner()
+    launched = []
+
+    class _Plans:
+        def try_launch(self, key, grid, args):
+            launched.append((key[0], args[0]))
+            return True
+
+    launcher.planned = _Plans()
+    keys = [("k", i % 4) for i in range(16)]
+    picks = {k: gemm.config(64 * (1 + k[1]), 64, 32, 4, 2, False) for k in set(keys)}
+    with options.override(autotune=True):
+        grid = lambda _meta: (1,)
+        threads = [threading.Thread(target=launcher, args=(k, grid, (picks[k],), {})) for k in keys]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert launcher.tuned == picks  # no key holds another's pick
+    assert sorted(map(id, launcher.autotuned.runs)) == sorted(map(id, picks.values()))  # once per key
+    assert all(picks[key] is cfg for key, cfg in launched)  # later calls launch their key's pick

@@ -66,6 +66,22 @@ def _relu6_d(x: Tensor) -> Tensor:
     return (~((x <= 0) | (x >= 6))).to(x.dtype)
 
 
+# Backward formulas where grad * derivative would differ from torch's own backward: a
+# piecewise-linear activation's gradient is selected, not multiplied (torch's threshold_backward
+# and hardtanh_backward), so an infinite incoming gradient gives 0 where the activation is flat
+# (not 0 * inf = NaN) and a NaN input passes the gradient on.
+def _relu_bwd(grad: Tensor, x: Tensor) -> Tensor:
+    return torch.where(x <= 0, 0.0, grad)
+
+
+def _relu2_bwd(grad: Tensor, x: Tensor) -> Tensor:
+    return torch.where(x <= 0, 0.0, grad * 2 * x)
+
+
+def _relu6_bwd(grad: Tensor, x: Tensor) -> Tensor:
+    return torch.where((x <= 0) | (x >= 6), 0.0, grad)
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivationSpec:
     """Everything known about one activation.
@@ -79,6 +95,7 @@ class ActivationSpec:
     name: str
     fn: Fn
     derivative: Fn
+    backward: Callable[[Tensor, Tensor], Tensor] | None = None  # (grad, x) -> dx; else grad * derivative
     aliases: tuple[str, ...] = ()
     modules: tuple[tuple[type[nn.Module], Callable[[nn.Module], bool]], ...] = ()
     functions: tuple[Callable[..., Tensor], ...] = ()
@@ -119,6 +136,7 @@ SPECS: tuple[ActivationSpec, ...] = (
         "relu",
         F.relu,
         lambda x: (x > 0).to(x.dtype),
+        _relu_bwd,
         modules=((nn.ReLU, _ALWAYS),),
         functions=(F.relu, torch.relu),
     ),
@@ -126,6 +144,7 @@ SPECS: tuple[ActivationSpec, ...] = (
         "relu2",  # squared ReLU (Primer, Nemotron)
         lambda x: F.relu(x).square(),
         lambda x: 2 * F.relu(x),
+        _relu2_bwd,
         aliases=("relu_squared",),
         hf_classes=("ReLUSquaredActivation",),
     ),
@@ -146,6 +165,7 @@ SPECS: tuple[ActivationSpec, ...] = (
         "relu6",  # MobileNet-style clipped ReLU: min(max(x, 0), 6)
         F.relu6,
         _relu6_d,
+        _relu6_bwd,
         modules=((nn.ReLU6, _ALWAYS),),
         functions=(F.relu6,),
     ),
@@ -188,10 +208,24 @@ class Activation(enum.Enum):
         return self.spec.fn(x)
 
     def derivative(self, x: Tensor) -> Tensor:
-        """d act(x) / dx, computed by torch in x's dtype (run it in float64 for a reference)."""
+        """d act(x) / dx, in x's dtype; computed in float32 for 16-bit x (as torch's own
+        backward kernels compute in float32: x**3 or exp(x) would overflow in half precision)."""
+        if x.dtype in _HALF:
+            return self.spec.derivative(x.float()).to(x.dtype)
         return self.spec.derivative(x)
 
+    def backward(self, grad: Tensor, x: Tensor) -> Tensor:
+        """d x of act(x) given the incoming gradient, with torch's conventions: for 16-bit
+        inputs in float32, rounded once; a piecewise-linear activation's gradient selected, not
+        multiplied (0 where flat even for an infinite gradient, passed on for a NaN input)."""
+        half = x.dtype in _HALF or grad.dtype in _HALF
+        g, z = (grad.float(), x.float()) if half else (grad, x)
+        fn = self.spec.backward
+        dx = fn(g, z) if fn is not None else g * self.spec.derivative(z)
+        return dx.to(torch.promote_types(grad.dtype, x.dtype)) if half else dx
 
+
+_HALF = (torch.float16, torch.bfloat16)
 _CODES = {a: i for i, a in enumerate(Activation)}
 assert set(_BY_NAME) == {a.value for a in Activation}, "every Activation needs exactly one spec"
 _ALIASES = {alias: Activation(s.name) for s in SPECS for alias in s.aliases}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from .activations import Activation, resolve
 from .kernels import narrow_pack
 from .options import Recompute, resolve_recompute
@@ -53,9 +53,15 @@ def gated_act(gate: Tensor, up: Tensor | None = None, activation: str | Activati
                 f"merged gate|up tensor must have an even last dimension, got {tuple(gate.shape)}"
             )
     else:
-        check_inputs(up, gate.shape[-1], gate=gate)
+        _check_float("up", up)
         if up.shape != gate.shape:
             raise ValueError(f"gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}")
+        if up.device != gate.device:
+            raise ValueError(f"gate is on {gate.device} but up is on {up.device}; move both to one device")
+        if up.dtype != gate.dtype:
+            raise TypeError(f"gate has dtype {gate.dtype} but up has dtype {up.dtype}; cast one of them")
+        if gate.dim() == 0:
+            return act(gate) * up
     return ops.gated_act(gate, up, act.value)
 
 
@@ -63,6 +69,9 @@ def act(x: Tensor, activation: str | Activation = "gelu") -> Tensor:
     """h = act(x)."""
     a = resolve(activation)
     _check_float("input", x)
+    if x.dim() == 0:  # a scalar: torch computes it (the kernels work on rows)
+        h = a(x)
+        return h.clone() if h is x else h
     return ops.act(x, a.value)
 
 
@@ -173,6 +182,8 @@ def run_linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activati
         dt = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
+    if weight.numel() == 0:  # a zero-width layer: nothing for a kernel to do
+        return act(F.linear(x, weight, bias))
     weight = _unit_cols(weight)
     if torch.compiler.is_compiling():
         needs_grad = torch.is_grad_enabled()
@@ -212,6 +223,8 @@ def run_mlp(
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
         b_in = b_in.to(dt) if b_in is not None else None
         b_out = b_out.to(dt) if b_out is not None else None
+    if w_in.numel() == 0 or w_out.numel() == 0:  # a zero-width layer: nothing for a kernel to do
+        return _degenerate_mlp(x, w_in, b_in, w_out, b_out, act, gated, dropout)
     w_in, w_out = _unit_cols(w_in), _unit_cols(w_out)
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
         needs_grad = torch.is_grad_enabled()
@@ -227,6 +240,17 @@ def run_mlp(
     if needs_grad:
         return ops.MLPFunction.apply(x, w_in, b_in, w_out, b_out, act, gated, recompute, dropout)
     return ops.fused_mlp.mlp_inference(x, w_in, b_in, w_out, b_out, act, gated, dropout)
+
+
+def _degenerate_mlp(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, act: Activation,
+    gated: bool, dropout: float,
+) -> Tensor:
+    """The MLP with a zero-width layer (hidden, intermediate or output size 0), as eager computes
+    it (a bias may still reach the output), in torch ops."""
+    z = F.linear(x, w_in, b_in)
+    h = act(z[..., : z.shape[-1] // 2]) * z[..., z.shape[-1] // 2 :] if gated else act(z)
+    return F.linear(F.dropout(h, dropout) if dropout else h, w_out, b_out)
 
 
 def gated_mlp(
@@ -297,6 +321,13 @@ def narrow_widths(weights: list[Tensor], biases: list[Tensor | None]) -> list[in
     """[D_0, ..., D_L] of a chain of [D_l, D_{l-1}] weights; ValueError naming the first mismatch."""
     if not weights or len(biases) != len(weights):
         raise ValueError(f"need L >= 1 weights and L biases, got {len(weights)} and {len(biases)}")
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if not isinstance(w, Tensor):
+            raise TypeError(f"layer {i}: weight must be a torch.Tensor, got {type(w).__name__}")
+        if b is not None and not isinstance(b, Tensor):
+            raise TypeError(f"layer {i}: bias must be a torch.Tensor or None, got {type(b).__name__}")
+    if weights[0].dim() != 2:
+        raise ValueError(f"layer 0: weight has shape {tuple(weights[0].shape)}; expected a 2-D weight")
     widths = [weights[0].shape[-1]]
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != widths[-1]:
@@ -334,6 +365,9 @@ def _run_narrow(x: Tensor, w: Tensor, b: Tensor, widths: list[int], names: str) 
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    if 0 in widths:  # a zero-width layer: nothing for a kernel to do
+        weights, biases = narrow_pack.unpack(w, b, widths)
+        return reference.narrow_mlp(x, list(weights), list(biases), ops.narrow.activations_of(names))
     if torch.compiler.is_compiling():  # the custom op: traceable, no graph break
         return ops.narrow_mlp(x, w, b, widths, names)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):

@@ -32,12 +32,12 @@ def gated_act(gate: Tensor, up: Tensor, act: Activation) -> Tensor:
 
 def gated_act_backward(grad_h: Tensor, gate: Tensor, up: Tensor, act: Activation) -> tuple[Tensor, Tensor]:
     """(d gate, d up) of h = act(gate) * up."""
-    return grad_h * up * act.derivative(gate), grad_h * act(gate)
+    return act.backward(grad_h * up, gate), grad_h * act(gate)
 
 
 def act_backward(grad_h: Tensor, x: Tensor, act: Activation) -> Tensor:
     """d x of h = act(x)."""
-    return grad_h * act.derivative(x)
+    return act.backward(grad_h, x)
 
 
 def gated_mlp(
@@ -127,12 +127,6 @@ def narrow_mlp(
     return x
 
 
-def _act_grad(act: Activation, z: Tensor, grad: Tensor) -> Tensor:
-    if act is Activation.RELU:  # as torch's threshold_backward: NaN z passes grad on
-        return torch.where(z <= 0, 0, grad)
-    return grad * act.derivative(z)
-
-
 def narrow_mlp_backward(
     grad: Tensor,
     x: Tensor,
@@ -148,7 +142,7 @@ def narrow_mlp_backward(
     dws: list[Tensor] = []
     dbs: list[Tensor] = []
     for w, z, h, a in reversed(list(zip(weights, zs, hs, activations, strict=False))):
-        dz = _act_grad(a, z, grad)
+        dz = a.backward(grad, z)
         dws.append(dz.reshape(-1, dz.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
         dbs.append(dz.reshape(-1, dz.shape[-1]).sum(0))
         grad = dz @ w

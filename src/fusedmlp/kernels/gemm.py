@@ -17,6 +17,7 @@ grid, and :class:`Launcher`, which autotunes once per shape bucket and then laun
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -166,6 +167,8 @@ def tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
     elif first.dtype == torch.bfloat16:
         return False
     es = first.element_size()
+    if any(t.stride(1) != 1 for t in tensors):  # a one-column tensor may carry any column stride
+        return False
     if traced:
         return all((t.storage_offset() * es) % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in tensors)
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in tensors)
@@ -225,6 +228,11 @@ class Launcher:
         # dicts keep the configs alive, so id(config) names one in a plan's key
         self.tuned: dict[tuple, triton.Config] = {}
         self.untuned: dict[tuple, triton.Config] = {}
+        # Triton's autotuner keeps its call's arguments and its pick on itself (nargs,
+        # best_config), shared by every key: two threads tuning at once could read each other's
+        # pick or give one call's descriptors the other's block shapes. Tuning (a first call
+        # per key) is serialised; launches of tuned keys take no lock.
+        self._tuning = threading.Lock()
 
     def __call__(
         self,
@@ -244,11 +252,15 @@ class Launcher:
         chosen = (self.tuned if tuning else self.untuned).get(key)
         if chosen is None:
             if tuning:
-                self.autotuned[grid](*args, **meta)
-                self.tuned[key] = self.autotuned.best_config
-                return
-            nargs = dict(zip(self.kernel.arg_names, args, strict=False))
-            chosen = self.untuned[key] = self.prune(self.configs, nargs, **meta)[0]
+                with self._tuning:
+                    chosen = self.tuned.get(key)  # tuned by another thread while this one waited
+                    if chosen is None:
+                        self.autotuned[grid](*args, **meta)
+                        self.tuned[key] = self.autotuned.best_config
+                        return
+            else:
+                nargs = dict(zip(self.kernel.arg_names, args, strict=False))
+                chosen = self.untuned[key] = self.prune(self.configs, nargs, **meta)[0]
         plan_key = (key, id(chosen), tuple(meta.values()), spec(args))
         launch_grid = grid(chosen.kwargs)
         if not self.planned.try_launch(plan_key, launch_grid, args):

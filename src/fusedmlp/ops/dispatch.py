@@ -7,6 +7,8 @@ machine without Triton still runs every op.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -44,5 +46,6 @@ def fused_gemm_ok(dtype: torch.dtype) -> bool:
 
 def rows(t: Tensor) -> Tensor:
     """[..., N] -> a 2-D [M, N] view with unit-stride columns (copies only when it must)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    n = t.shape[-1]
+    t2 = t.reshape(-1, n) if n else t.reshape(math.prod(t.shape[:-1]), 0)  # -1 is ambiguous at width 0
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()

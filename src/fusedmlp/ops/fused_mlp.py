@@ -30,6 +30,7 @@ from ..activations import Activation
 from ..kernels.dropout import Dropout
 from ..kernels.profile import KernelProfile
 from ..options import Recompute, kernel_options
+from . import higher_order
 from .dispatch import fused_gemm_ok, rows, use_triton
 
 try:
@@ -269,6 +270,21 @@ def mlp_inference(
     return y
 
 
+def _mlp_grads_graph(
+    dy: Tensor, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, act: Activation | str,
+    gated: bool, has_b_out: bool, dropout: Dropout | None,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dW_in, db_in, dW_out, db_out) as differentiable functions of the inputs and dy, for a
+    backward under create_graph=True (ops/higher_order.py); x of any leading dimensions."""
+    higher_order.no_dropout(dropout)
+    act = Activation(act)
+    forward = reference.gated_mlp if gated else reference.mlp
+    grads = higher_order.differentiable_grads(
+        lambda x_, w1, b1, w2: forward(x_, w1, b1, w2, None, act), (x, w_in, b_in, w_out), dy
+    )
+    return (*grads, dy.reshape(-1, dy.shape[-1]).sum(0) if has_b_out else None)
+
+
 class MLPFunction(torch.autograd.Function):
     """Eager autograd for the MLP. ``torch.library`` custom ops cost ~240 us of CPU per call in
     eager (H100 host, torch 2.11; benchmarks/overhead.py), more than a decode-sized forward
@@ -296,7 +312,7 @@ class MLPFunction(torch.autograd.Function):
         )
         ctx.meta = (act, gated, b_out is not None)
         ctx.x_shape = x.shape
-        ctx.save_for_backward(x2, w_in, b_in, w_out, pre)
+        ctx.save_for_backward(x2, w_in, b_in, w_out, pre, x)  # x itself: for second derivatives
         # h (Recompute.NONE) is held apart from the saved tensors so that the backward can
         # free it as soon as W_out's gradient is taken, before it allocates its own buffers
         ctx.h = h
@@ -304,13 +320,17 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if higher_order.wants_graph():
+            _, w_in, b_in, w_out, _, x = ctx.saved_tensors
+            grads = _mlp_grads_graph(dy, x, w_in, b_in, w_out, *ctx.meta, ctx.dropout)
+            return (*grads, None, None, None, None)
         if getattr(ctx, "consumed", False):
             raise RuntimeError(
                 "fusedmlp's MLP backward reuses its saved activations in place, so it runs once per "
                 "forward: backward(retain_graph=True) followed by a second backward is not supported"
             )
         ctx.consumed = True
-        x, w_in, b_in, w_out, pre = ctx.saved_tensors
+        x, w_in, b_in, w_out, pre, _ = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).contiguous()
         h, ctx.h = ctx.h, None
         dw_out = dy.t() @ h if h is not None else None
@@ -443,6 +463,10 @@ def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor |
     if inference:
         raise RuntimeError("fusedmlp::mlp ran in inference mode (nothing saved), so it cannot run backward")
     x, w_in, b_in, w_out, pre, h, seed = ctx.saved_tensors
+    if higher_order.wants_graph():
+        drop = _seeded(seed, dropout_p, w_out)
+        grads = _mlp_grads_graph(dy, x, w_in, b_in, w_out, activation, gated, has_b_out, drop)
+        return (*grads, None, None, None, None, None, None)
     grads = mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
     dx, dw_in, db_in, dw_out, db_out = grads
     db_in_ = db_in if b_in is not None else None
@@ -490,6 +514,14 @@ def linear_act_backward_impl(
     return dpre @ w, dpre.t() @ x, (dpre.sum(0) if has_bias else None)
 
 
+def _linear_act_grads_graph(
+    dh: Tensor, x: Tensor, w: Tensor, b: Tensor | None, act: Activation | str
+) -> list[Tensor | None]:
+    """(dx, dw, db) of act(x w^T + b) under create_graph=True (ops/higher_order.py)."""
+    act = Activation(act)
+    return higher_order.differentiable_grads(lambda x_, w_, b_: act(F.linear(x_, w_, b_)), (x, w, b), dh)
+
+
 class LinearActFunction(torch.autograd.Function):
     """Eager autograd of the fused linear + activation (as MLPFunction is of the MLP)."""
 
@@ -499,13 +531,14 @@ class LinearActFunction(torch.autograd.Function):
         h, h2 = _output(x, w)  # whole, not a view: in-place ops on it are allowed, as on eager's
         _, pre = linear_act_forward(x2, w, b, act, save=True, out=h2)
         ctx.act, ctx.has_bias, ctx.x_shape = act, b is not None, x.shape
-        ctx.save_for_backward(x2, w, pre)
+        ctx.save_for_backward(x2, w, pre, x, b)  # x and b: for second derivatives
         return h
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, ...]:
-        x, w, pre = ctx.saved_tensors
+        x, w, pre, x_in, b = ctx.saved_tensors
+        if higher_order.wants_graph():
+            return (*_linear_act_grads_graph(dh, x_in, w, b, ctx.act), None)
         dh = dh.reshape(-1, dh.shape[-1]).contiguous()
         dx, dw, db = linear_act_backward_impl(dh, x, w, pre.clone(), ctx.act, ctx.has_bias, in_place=True)
         return dx.view(ctx.x_shape), dw, db, None
@@ -567,14 +600,16 @@ def _(dh, x, w, pre, activation, has_bias):  # type: ignore[no-untyped-def]
 def _linear_act_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     x, w, b, activation, save = inputs
     ctx.meta = (activation, b is not None, save)
-    ctx.save_for_backward(x, w, output[1])
+    ctx.save_for_backward(x, w, output[1], b)
 
 
 def _linear_act_bwd(ctx: Any, dh: Tensor, _dpre: Tensor) -> tuple[Tensor | None, ...]:
     activation, has_bias, save = ctx.meta
     if not save:
         raise RuntimeError("fusedmlp::linear_act ran without saving (no gradient wanted): it has no backward")
-    x, w, pre = ctx.saved_tensors
+    x, w, pre, b = ctx.saved_tensors
+    if higher_order.wants_graph():
+        return (*_linear_act_grads_graph(dh, x, w, b, activation), None, None)
     dx, dw, db = linear_act_backward(dh, x, w, pre, activation, has_bias)
     return dx, dw, (db if has_bias else None), None, None
 

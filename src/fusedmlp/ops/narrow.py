@@ -18,6 +18,7 @@ from .. import reference
 from ..activations import Activation
 from ..kernels import narrow_pack
 from ..kernels.profile import KernelProfile
+from . import higher_order
 from .dispatch import use_triton
 
 try:
@@ -121,8 +122,22 @@ def _narrow_mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None
     ctx.save_for_backward(x, w, b)
 
 
+def _grads_graph(grad: Tensor, x: Tensor, w: Tensor, b: Tensor, widths: list[int], names: str) -> list[Any]:
+    """(dx, dw, db) under create_graph=True: differentiable functions of x, w, b and grad
+    (ops/higher_order.py), for eikonal terms and gradient penalties of implicit networks."""
+    acts = activations_of(names)
+
+    def forward(x_: Tensor, w_: Tensor, b_: Tensor) -> Tensor:
+        weights, biases = narrow_pack.unpack(w_, b_, widths)
+        return reference.narrow_mlp(x_, list(weights), list(biases), acts)
+
+    return higher_order.differentiable_grads(forward, (x, w, b), grad)
+
+
 def _narrow_mlp_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
     x, w, b = ctx.saved_tensors
+    if higher_order.wants_graph():
+        return (*_grads_graph(grad, x, w, b, ctx.widths, ctx.activations), None, None)  # type: ignore[return-value]
     dx, dw, db = narrow_mlp_backward(grad, x, w, b, ctx.widths, ctx.activations)
     return dx, dw, db, None, None
 
@@ -155,8 +170,8 @@ class PackNarrowFunction(torch.autograd.Function):
         return w, b
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dw: Tensor, db: Tensor) -> tuple[Tensor | None, ...]:
+        # slices: differentiable as they are, under create_graph=True too
         grads = [dw[k, :o, :i] for k, o, i in ctx.weights] + [db[k, :o] for k, o in ctx.biases]
         return (None, None, *grads)
 
@@ -173,8 +188,9 @@ class NarrowMLPFunction(torch.autograd.Function):
         return narrow_mlp_forward(x, w, b, widths, activations)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w, b = ctx.saved_tensors
+        if higher_order.wants_graph():
+            return (*_grads_graph(grad, x, w, b, ctx.widths, ctx.activations), None, None)
         dx, dw, db = narrow_mlp_backward_impl(grad, x, w, b, ctx.widths, ctx.activations)
         return dx, dw, db, None, None

@@ -21,6 +21,7 @@ from torch.library import triton_op
 from .. import reference
 from ..activations import Activation
 from ..kernels.profile import KernelProfile
+from . import higher_order
 from .dispatch import rows, use_triton
 
 try:
@@ -110,8 +111,16 @@ def _gated_act_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     ctx.save_for_backward(gate, up)
 
 
-def _gated_act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+def _gated_act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     gate, up = ctx.saved_tensors
+    if higher_order.wants_graph():  # create_graph=True: differentiable gradients
+        a = Activation(ctx.activation)
+        if up is None:
+            forward = lambda gu: reference.gated_act(*reference.split_gate_up(gu), a)
+            return higher_order.differentiable_grads(forward, (gate,), grad)[0], None, None
+        forward = lambda g, u: reference.gated_act(g, u, a)
+        dgate, dup = higher_order.differentiable_grads(forward, (gate, up), grad)
+        return dgate, dup, None
     dgate, dup = gated_act_backward(grad, gate, up, ctx.activation)
     return dgate, (dup if ctx.split else None), None
 
@@ -174,8 +183,10 @@ def _act_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     ctx.save_for_backward(x)
 
 
-def _act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+def _act_bwd(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
     (x,) = ctx.saved_tensors
+    if higher_order.wants_graph():  # create_graph=True: differentiable gradients
+        return higher_order.differentiable_grads(Activation(ctx.activation), (x,), grad)[0], None
     return act_backward(grad, x, ctx.activation), None
 
 
