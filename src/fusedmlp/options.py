@@ -55,11 +55,16 @@ class KernelOptions:
     measures slower (docs/perf-notes.md).
     ``recompute_block_width``: Recompute.GEMM's backward walks blocks of at least this many
     hidden columns (4 blocks where H >= 4x this), so one block's [tokens, 3 * width] lives at a time.
+    ``gluon``: on Hopper (sm_90), the forward GEMM + activation without a pre-activation store
+    (inference, Recompute.GEMM training) runs the Gluon kernel (kernels/gluon_gemm.py: 0.97-1.02x
+    cuBLAS on the merged gate|up GEMM where the tl.dot kernel runs ~0.8x). Opt-in until the
+    integrated path has run on the GPU (docs/perf-notes.md).
     """
 
     autotune: bool = True
     fused_backward_gemm: bool = False
     recompute_block_width: int = 512
+    gluon: bool = False
 
     def __post_init__(self) -> None:
         if self.recompute_block_width < 1:

@@ -15,12 +15,15 @@ Autotuned per (M bucket, N, K): a new M inside a bucket never re-tunes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..activations import Activation
+from ..options import kernel_options
 from . import gemm
 from .dropout import Dropout
 from .epilogue import act, dropout_keep
@@ -90,6 +93,21 @@ def _gemm_act_kernel(
             keep = dropout_keep(seed_ptr, rows, cols[None, :], drop_width, drop_col0, drop_p)
             h = tl.where(keep, h * drop_scale, 0.0)
         tl.store(h_ptr + rows * stride_hm + cols[None, :], to_storage(h, h_ptr.dtype.element_ty), mask=mask)
+
+
+def _gluon() -> Any:
+    """kernels/gluon_gemm.py, imported on first use (only where the option asks for it)."""
+    try:
+        from . import gluon_gemm
+    except ImportError as e:
+        raise RuntimeError(
+            f"KernelOptions.gluon needs a Triton with Gluon's Hopper ops (3.6 or later): {e}"
+        ) from e
+    return gluon_gemm
+
+
+def _gluon_serves(x: Tensor, w: Tensor, activation: Activation, store_pre: bool, traced: bool) -> bool:
+    return kernel_options().gluon and _gluon().serves(x, w, activation, store_pre, traced)
 
 
 def cost(M: int, K: int, N: int, gated: bool, bias: bool, elem: int) -> Cost:
@@ -200,6 +218,10 @@ def gemm_act(
         return h, pre
     if K == 0:
         raise ValueError("K = 0: nothing to multiply")
+    if config is None and dropout is None and _gluon_serves(x, w, activation, store_preact, traced):
+        g = _gluon()
+        bias_ = bias.contiguous() if bias is not None else None
+        return g.gemm_act_fwd(x, w, bias_, activation, gated, False, g.fwd_config(gated, K), out=h)
     # Decode sizes take the pointer path: as fast on the GPU (gemm_sweep: 93.0 vs 93.2 us at M=1)
     # and no tensor-map encoding on the host, which dominates a launch this short.
     use_tma = M > 64 and gemm.tma_ok(x, w, traced=traced)
