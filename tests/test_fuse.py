@@ -420,7 +420,9 @@ def test_cli_fuse(tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "layers.0.mlp" in out and "FusedGatedMLP" in out and "before" in out and "after fuse" in out
-    assert main(["fuse", "--hf-config", "no-such-model"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(["fuse", "--hf-config", "no-such-model"])
+    assert capsys.readouterr().err.startswith("fusedmlp: error:")
 
 
 def test_shared_tied_hooked_and_frozen_blocks():

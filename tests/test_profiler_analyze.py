@@ -184,17 +184,20 @@ def test_corrupt_trace_is_a_one_line_error_naming_the_file(tmp_path, capsys, con
     bad = tmp_path / "broken.json.gz"
     bad.write_bytes(content)
     good = write(make_trace("eager"), tmp_path / "good.json")
-    assert _report(tmp_path, good, bad) == 2
+    with pytest.raises(SystemExit) as e:
+        _report(tmp_path, good, bad)
     out = capsys.readouterr()
     lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
     print(lines)
-    assert len(lines) == 1 and str(bad) in lines[0] and lines[0].startswith("error:")
-    assert "Traceback" not in out.err
+    assert e.value.code == 2 and len(lines) == 1 and str(bad) in lines[0]
+    assert lines[0].startswith("fusedmlp: error:") and "Traceback" not in out.err
 
 
 def test_missing_file_and_empty_folder(tmp_path, capsys):
-    assert _report(tmp_path, tmp_path / "nope.json") == 2
-    assert "no such file" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):
+        _report(tmp_path, tmp_path / "nope.json")
+    assert "no such file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert _report(tmp_path, tmp_path / "empty") == 2
-    assert "no trace files" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):
+        _report(tmp_path, tmp_path / "empty")
+    assert "no trace files" in capsys.readouterr().err

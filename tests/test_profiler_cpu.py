@@ -120,9 +120,11 @@ def test_hf_config_profiles_a_whole_fused_model(tmp_path):
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
-    assert main(["profile", *argv, "--out", str(tmp_path)]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("error:") and message in out, out
+    with pytest.raises(SystemExit) as e:
+        main(["profile", *argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("fusedmlp: error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default")

@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from ..profiler.trace import write_atomic
+
 
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
@@ -74,7 +76,7 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
             cells = ["skipped"] if "skipped" in r else [_fmt(r.get(k), s) for k, _, s in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    path.write_text("\n".join(lines))
+    write_atomic({path: "\n".join(lines)})
 
 
 def _ratio(case: dict[str, Any], name: str, key: str, base: str) -> float | None:

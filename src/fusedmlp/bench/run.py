@@ -13,7 +13,6 @@ peak memory beyond parameters and inputs.
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from ..cases import variants as V
 from ..cases.presets import Preset
 from ..cases.timing import graph_us, wall_us
+from ..profiler.trace import strict_json, write_atomic
 
 
 def _rel_err(out: Tensor, ref: Tensor) -> float:
@@ -187,5 +187,5 @@ def save(record: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = record["env"]["date"].replace(":", "").replace("-", "")[:13]
     path = out_dir / f"bench-{stamp}.json"
-    path.write_text(json.dumps(record, indent=1))
+    write_atomic({path: strict_json(record, indent=1)})  # a NaN error becomes null; no half-written file
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -21,7 +22,11 @@ from ..activations import resolve
 from ..cases.presets import Preset
 from . import expect
 from .decode import GEMM, Decoded, decode
-from .trace import Event, Trace
+from .trace import Event, Trace, clean_text
+
+# The first forward's kernels shown one by one (timeline plot, summary.json): a trace without
+# forward labels is one forward of every kernel in it, which no plot can show one by one.
+MAX_TIMELINE_STEPS = 2000
 
 _LABEL = re.compile(r"^fusedmlp/(?P<variant>[\w.-]+)/forward$")
 
@@ -89,6 +94,7 @@ class VariantSummary:
     expected_notes: list[str]
     intermediate_bytes: int | None
     intermediate_bytes_saved_vs_eager: int | None
+    problems: list[str] = dataclasses.field(default_factory=list)  # what the trace got wrong
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -103,6 +109,11 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
+def _finite(x: float) -> float | None:
+    """None for inf (a duration of a few subnormal microseconds): a rate nobody can plot or believe."""
+    return x if math.isfinite(x) else None
+
+
 def preset_to_dict(p: Preset) -> dict[str, Any]:
     d = dataclasses.asdict(p)
     d["activation"] = p.activation.value
@@ -110,11 +121,12 @@ def preset_to_dict(p: Preset) -> dict[str, Any]:
 
 
 def preset_from_dict(d: dict[str, Any]) -> Preset | None:
-    """The preset a trace's metadata names; None when absent or unreadable (an old or foreign trace)."""
+    """The preset a trace's metadata names; None when absent or unreadable (an old or foreign trace).
+    ``trace.load`` has checked the fields' types and ranges."""
     try:
         fields = {f.name for f in dataclasses.fields(Preset)}
         return Preset(**{k: (resolve(v) if k == "activation" else v) for k, v in d.items() if k in fields})
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, KeyError):
         return None
 
 
@@ -127,7 +139,7 @@ def variant_name(trace: Trace) -> str:
     name = trace.path.name
     for suffix in (".gz", ".json", ".pt.trace", ".trace"):
         name = name.removesuffix(suffix)
-    return name
+    return clean_text(name, 200) or "trace"
 
 
 def _windows(trace: Trace) -> list[Event]:
@@ -157,30 +169,33 @@ def _cpu_tree(ops: list[Event]) -> dict[int, list[int]]:
 
 
 def _cpu_work(ops: list[Event]) -> tuple[list[Event], set[int]]:
-    """(the CPU ops that do the work, indices of ops with no work inside) for CPU-only traces."""
+    """(the CPU ops that do the work, indices of ops with no work inside) for CPU-only traces.
+    A depth-first walk with its own stack: a trace can nest ops deeper than Python recurses."""
     children = _cpu_tree(ops)
     work: list[Event] = []
     idle: set[int] = set()
-
-    def visit(i: int) -> bool:
+    busy: set[int] = set()  # ops that are work or hold work
+    stack = [(root, False) for root in reversed(children.get(-1, []))]
+    while stack:
+        i, children_done = stack.pop()
         d = decode(ops[i].name)
-        # One unit, whatever runs inside: a custom op, an Inductor kernel, a GEMM (addmm copies
-        # its bias into the output with aten::copy_ before BLAS runs; that copy is part of it).
-        gemm = d.kind == GEMM and d.op not in ("linear", "matmul")  # those two only dispatch
-        if gemm or d.library.startswith(("custom op", "C++ (Inductor")):
+        if not children_done:
+            # One unit, whatever runs inside: a custom op, an Inductor kernel, a GEMM (addmm copies
+            # its bias into the output with aten::copy_ before BLAS runs; that copy is part of it).
+            gemm = d.kind == GEMM and d.op not in ("linear", "matmul")  # those two only dispatch
+            if gemm or d.library.startswith(("custom op", "C++ (Inductor")):
+                work.append(ops[i])
+                busy.add(i)
+            else:  # its children first, then it again
+                stack.append((i, True))
+                stack.extend((c, False) for c in reversed(children.get(i, [])))
+        elif any(c in busy for c in children.get(i, [])):
+            busy.add(i)
+        elif d.kind in (GEMM, "aten"):
             work.append(ops[i])
-            return True
-        inner = [visit(c) for c in children.get(i, [])]
-        if any(inner):
-            return True
-        if d.kind in (GEMM, "aten"):
-            work.append(ops[i])
-            return True
-        idle.add(i)
-        return False
-
-    for root in children.get(-1, []):
-        visit(root)
+            busy.add(i)
+        else:
+            idle.add(i)
     work.sort(key=lambda e: e.ts)
     return work, idle
 
@@ -250,12 +265,15 @@ def _kernel_stats(
         calls[e.name] += 1
         time[e.name] += e.dur
         decoded[e.name] = d
+    # Throughput over the first forward's occurrences only: those are the ones with roles.
+    first_time: Counter[str] = Counter()
+    for _, e, _ in first:
+        first_time[e.name] += e.dur
     kernels = []
     for name in sorted(calls, key=lambda n: -time[n]):
         rs = roles_by_name.get(name, [])
         flops, nbytes = sum(r.flops for r in rs), sum(r.bytes for r in rs)
-        # Throughput over the first forward's occurrences only: those are the ones with roles.
-        t_first = sum(e.dur for _, e, _ in first if e.name == name)
+        t_first = first_time[name]
         kernels.append(
             KernelStat(
                 name=name,
@@ -266,8 +284,8 @@ def _kernel_stats(
                 roles=[r.label for r in rs],
                 flops=flops,
                 bytes=nbytes,
-                tflops=flops / t_first / 1e6 if flops and t_first else None,
-                gbps=nbytes / t_first / 1e3 if nbytes and t_first else None,
+                tflops=_finite(flops / t_first / 1e6) if flops and t_first else None,
+                gbps=_finite(nbytes / t_first / 1e3) if nbytes and t_first else None,
             )
         )
     return kernels
@@ -302,8 +320,13 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     matched = expect.match(expected, [d.is_gemm for _, _, d in first]) if expected is not None else None
     roles_by_name: dict[str, list[expect.Role]] = defaultdict(list)
     timeline = []
+    problems = list(trace.problems)
+    if preset is None and isinstance(meta.get("preset"), dict):
+        problems.append("metadata preset is incomplete or inconsistent: no guess")
     t0 = first[0][1].ts if first else 0.0
-    for i, (_, e, d) in enumerate(first):
+    if len(first) > MAX_TIMELINE_STEPS:
+        problems.append(f"timeline shows the first {MAX_TIMELINE_STEPS:,} of {len(first):,} kernels")
+    for i, (_, e, d) in enumerate(first[:MAX_TIMELINE_STEPS]):
         role = matched.roles[i] if matched else None
         if role is not None:
             roles_by_name[e.name].append(role)
@@ -317,8 +340,11 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
         for e in trace.copies
         if (inside(launched_at[e.correlation]) if e.correlation in launched_at else since(e.ts)) is not None
     ]
+    copy_us: Counter[str] = Counter()
+    for e in copies:
+        copy_us[e.name] += e.dur
     memory_ops = [
-        {"name": n, "calls": c / n_fwd, "time_us": sum(e.dur for e in copies if e.name == n) / n_fwd}
+        {"name": n, "calls": c / n_fwd, "time_us": copy_us[n] / n_fwd}
         for n, c in Counter(e.name for e in copies).items()
     ]
     in_fwd_runtime = [r for r in trace.runtime if inside(r.ts) is not None]
@@ -334,8 +360,8 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     gpu_us = sum(k.time_us for k in kernels)
     costs = _host_costs(trace, windows, inside, n_fwd, cpu_us)
     verdict, reason = _verdict(trace.has_gpu, cpu_us, gpu_us, kernels, peaks, costs)
-    wall = meta.get("wall_us")
-    wall_us = float(wall) if isinstance(wall, (int, float)) and 0 < wall < float("inf") else None
+    wall = meta.get("wall_us")  # trace.load checked it: a positive finite number, or absent
+    wall_us = float(wall) if isinstance(wall, (int, float)) else None
 
     inter = saved = None
     if expected is not None and preset is not None:
@@ -345,7 +371,7 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
     return VariantSummary(
         variant=variant,
         preset=preset.name if preset else None,
-        trace=str(trace.path),
+        trace=clean_text(str(trace.path), 1000),
         on_gpu=trace.has_gpu,
         forwards=len(windows) or 1,
         kernels_per_forward=round(len(items) / n_fwd),
@@ -365,6 +391,7 @@ def analyze(trace: Trace, peaks: dict[str, float] | None = None) -> VariantSumma
         expected_notes=matched.notes if matched else [],
         intermediate_bytes=inter,
         intermediate_bytes_saved_vs_eager=saved,
+        problems=problems,
     )
 
 
@@ -454,6 +481,7 @@ def summary_json(
         "peaks": peaks,
         "variants": variants,
         "totals": totals,
+        "problems": {s.variant: s.problems for s in summaries if s.problems},
     }
 
 

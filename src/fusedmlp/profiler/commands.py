@@ -1,13 +1,13 @@
 """The ``profile`` and ``report`` commands: run or read traces, analyse, write the outputs.
 
 Outputs in the --out folder: ``traces/`` (profile only: one Chrome trace per variant, for
-Perfetto), ``summary.json`` and ``report.html``; rich tables in the terminal.
+Perfetto), ``summary.json`` (strict JSON: no NaN) and ``report.html``, both built in memory and
+then written together (a failure writes neither); rich tables in the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from .run import (
     resolve_preset,
     run,
 )
-from .trace import TraceError, load
+from .trace import TraceError, clean_text, load, strict_json, write_atomic
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,9 +57,9 @@ def write_outputs(
     preset = analyze.preset_from_dict(meta["preset"]) if isinstance(meta.get("preset"), dict) else None
     peaks = meta.get("peaks")
     summary = analyze.summary_json(summaries, preset, peaks, {**info, "skipped": skipped})
+    text, page = strict_json(summary, indent=1), html.render(summary, summaries)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    html.render(summary, summaries, out / "report.html")
+    write_atomic({out / "report.html": page, out / "summary.json": text})  # summary.json last
     show.overview(summaries, skipped, console)
     for s in summaries:
         show.details(s, peaks, console)
@@ -70,8 +70,7 @@ def write_outputs(
 def profile_command(args: argparse.Namespace, console: Console) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        console.print("error: --device cuda, but torch sees no CUDA device")
-        return 2
+        raise ProfileError("--device cuda, but torch sees no CUDA device")
     dtype = (
         _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
@@ -97,9 +96,8 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
             eager = preset.eager(device, dtype).eval()
             variants = build_variants(preset, names, device, dtype, eager)
             inputs = preset.input(device, dtype)
-    except (ProfileError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+    except ValueError as e:  # a bad preset, variant or activation: the user's to fix (status 2)
+        raise ProfileError(clean_text(" ".join(str(e).split()), 2000)) from e
     if preset is not None:
         console.print(
             f"[bold]{preset.name}[/bold]: {preset.description} (M={preset.tokens}, {preset.hidden} -> "
@@ -143,20 +141,18 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
 def report_command(args: argparse.Namespace, console: Console) -> int:
     """The same analysis from saved traces: files, or folders searched for *.json and *.json.gz."""
     paths: list[Path] = []
-    for p in map(Path, args.paths):
-        if p.is_dir():
-            found = sorted([*p.rglob("*.json"), *p.rglob("*.json.gz")])
-            paths += [f for f in found if f.name != "summary.json"]
-        else:
-            paths.append(p)
-    if not paths:
-        console.print(f"[red]error:[/red] no trace files in {', '.join(args.paths)}")
-        return 2
     try:
+        for p in map(Path, args.paths):
+            if p.is_dir():
+                found = sorted([*p.rglob("*.json"), *p.rglob("*.json.gz")])
+                paths += [f for f in found if f.name != "summary.json"]
+            else:
+                paths.append(p)
+        if not paths:
+            raise TraceError(f"no trace files in {', '.join(args.paths)}")
         traces = [load(p) for p in paths]
-    except TraceError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        return 2
+    except OSError as e:
+        raise TraceError(clean_text(f"{e.filename}: {e.strerror}")) from e
     summaries = [analyze.analyze(t) for t in traces]
     write_outputs(summaries, [t.metadata for t in traces], Path(args.out), console)
     return 0

@@ -17,6 +17,10 @@ Name families (all seen in torch.profiler traces):
 - ATen CUDA kernels: ``void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl...``.
 - Copies and fills: ``Memcpy DtoD (Device -> Device)``, ``Memset (Device)``.
 - CPU ops (traces without a GPU): ``aten::mm``, ``fusedmlp::gated_act``.
+
+Names come from trace files, which are untrusted: every pattern here runs in time linear in the
+name (no nested or overlapping quantifiers that can backtrack over the same text twice, no lazy
+scan tried from every position), and names are cut to MAX_NAME_CHARS before decoding.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ REDUCTION = "reduction"
 MEMCPY = "memcpy"
 MEMSET = "memset"
 UNKNOWN = "unknown"
+
+MAX_NAME_CHARS = 4096  # longer names are cut first (the longest ATen kernel names are ~1,500)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +95,8 @@ class Decoded:
 _EPILOGUES = ("bias", "relu", "gelu", "gelu_aux", "dgelu", "bgrad", "drelu", "swish", "silu", "aux")
 _LAYOUT = re.compile(r"[TN]{2,3}")
 
-# nvjet_[sm90_]<family>_<M>x<N>_<K>x<stages>_<cx>x<cy>_<rest...>
+# nvjet_[sm90_]<family>_<M>x<N>_<K>x<stages>_<cx>x<cy>_<rest...>, matched once, from the first
+# "nvjet_": searching would retry the scan of <rest> from every later "nvjet_" (quadratic).
 _NVJET = re.compile(
     r"nvjet_(?:(?P<arch>sm\d+)_)?(?P<family>[a-z0-9]+)_(?P<m>\d+)x(?P<n>\d+)_(?P<k>\d+)x(?P<stages>\d+)"
     r"_(?P<cx>\d+)x(?P<cy>\d+)(?P<rest>_\w+)?$"
@@ -97,14 +104,16 @@ _NVJET = re.compile(
 
 
 def _nvjet(name: str) -> Decoded | None:
-    m = _NVJET.search(name)
+    start = name.find("nvjet_")
+    m = _NVJET.match(name, start) if start >= 0 else None
     if m is None:
         return None
     rest = [t for t in (m["rest"] or "").split("_") if t]
     layout = rest.pop() if rest and _LAYOUT.fullmatch(rest[-1]) else None
     epilogue = [t for t in rest if t.lower() in _EPILOGUES]
     variant = [t for t in rest if t.startswith("coop") or t in ("pingpong", "splitK", "streamK")]
-    flags = tuple(t for t in rest if t not in epilogue and t not in variant)
+    named = {*epilogue, *variant}
+    flags = tuple(t for t in rest if t not in named)
     return Decoded(
         library="cuBLAS (nvjet)",
         kind=GEMM,
@@ -148,7 +157,7 @@ def _cublas_family(name: str) -> Decoded | None:
         tile, k_tile = f"{m[1]}x{m[2]}", int(m[3])
     elif m := re.search(r"_(\d+)x(\d+)x(\d+)_(\d+)x(\d+)x(\d+)_", low):  # cutlass 3.x: tile, cluster
         tile, k_tile, cluster = f"{m[1]}x{m[2]}", int(m[3]), f"{m[4]}x{m[5]}"
-    elif m := re.search(r"_(\d+)x(\d+)_(?:ldg\d+_\w*?stages_)?(\d+)x(\d+)_", low):  # ampere, cutlass 2.x
+    elif m := re.search(r"_(\d+)x(\d+)_(?:ldg\d+_(?:[a-z0-9]+_){0,4}?stages_)?(\d+)x(\d+)_", low):  # ampere
         tile, k_tile, stages = f"{m[1]}x{m[2]}", int(m[3]), int(m[4])
     elif m := re.search(r"_(\d+)x(\d+)_(?:tn|nt|nn|tt)(?:_|$)", low):  # ampere_sgemm_128x64_tn
         tile = f"{m[1]}x{m[2]}"
@@ -164,7 +173,7 @@ def _cublas_family(name: str) -> Decoded | None:
     dtype = None
     if (
         (m := re.search(r"_(bf16|f16|fp16|f32|tf32|e4m3|e5m2|h|s)(?:bf16|f16|f32)?_?(?:s\d+gemm|gemm)", low))
-        or (m := re.search(r"gemm_(\w+?)_(?:tn|nt|nn|tt)_", low))
+        or (m := re.search(r"gemm_((?:[a-z0-9]+_){0,4}?[a-z0-9]+)_(?:tn|nt|nn|tt)_", low))
         or (m := re.search(r"(bf16|f16|fp16|tf32)", low))
     ):
         dtype = _BLAS_LETTERS.get(m[1], m[1])
@@ -328,7 +337,7 @@ def _aten_cuda(name: str) -> Decoded | None:
         r"CUDAFunctor(?:OnSelf|OnOther)?_(\w+)",
         r"at::native::(?:\(anonymous namespace\)::)?(\w+?)_kernel(?:_cuda|_impl)?\(",
         r"at::native::(\w+?)Functor",
-        r"(\w+?)_functor",
+        r"(?<!\w)(\w+?)_functor",  # from a word's start only: else retried at every position
         r"at::native::(?:\(anonymous namespace\)::)?(\w+?)_kernel",
     ):
         for m in re.finditer(pattern, name):
@@ -426,13 +435,19 @@ def _misc(name: str) -> Decoded | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)
 def decode(name: str, launched_by_driver: bool = False) -> Decoded:
     """Decode a kernel (or CPU op) name. ``launched_by_driver``: the trace shows it launched by
-    cuLaunchKernel(Ex), as Triton launches, which marks an otherwise anonymous name as Triton."""
-    if not isinstance(name, str) or not name.strip():
+    cuLaunchKernel(Ex), as Triton launches, which marks an otherwise anonymous name as Triton.
+    Never raises; names longer than MAX_NAME_CHARS are decoded from their first MAX_NAME_CHARS."""
+    if not isinstance(name, str):
         return Decoded(library=UNKNOWN, kind=UNKNOWN)
-    name = name.strip()
+    return _decode(name[:MAX_NAME_CHARS].strip(), bool(launched_by_driver))
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode(name: str, launched_by_driver: bool) -> Decoded:
+    if not name:
+        return Decoded(library=UNKNOWN, kind=UNKNOWN)
     known = _known()
     if name in known:  # before the name heuristics: "_gemm_act_kernel" is not cuBLAS
         return known[name]

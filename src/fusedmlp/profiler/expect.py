@@ -11,6 +11,7 @@ a kernel of the trace, and the bytes of [tokens, intermediate] tensors it moves.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 from ..cases.presets import Preset
@@ -125,9 +126,9 @@ class Match:
 def match(expected: list[Role], kernels_are_gemm: list[bool]) -> Match:
     """Pair kernels with roles in order, GEMMs with GEMM roles and the rest with the rest,
     so one extra or missing elementwise kernel does not shift every GEMM's FLOPs."""
-    queues = {True: [r for r in expected if r.gemm], False: [r for r in expected if not r.gemm]}
-    roles: list[Role | None] = [queues[g].pop(0) if queues[g] else None for g in kernels_are_gemm]
-    missing = queues[True] + queues[False]
+    queues = {g: collections.deque(r for r in expected if r.gemm == g) for g in (True, False)}
+    roles: list[Role | None] = [queues[g].popleft() if queues[g] else None for g in kernels_are_gemm]
+    missing = [*queues[True], *queues[False]]
     notes = []
     if len(kernels_are_gemm) != len(expected):
         notes.append(f"expected {len(expected)} kernels per forward, the trace shows {len(kernels_are_gemm)}")

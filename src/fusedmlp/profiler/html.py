@@ -1,9 +1,15 @@
 """report.html: one self-contained page (plots inlined as data: URIs, no scripts or styles
-fetched from anywhere) that opens offline, e.g. from a CI artifact or an e-mail."""
+fetched from anywhere) that opens offline, e.g. from a CI artifact or an e-mail.
+
+Names come from trace files: the page escapes them (jinja2 autoescape), plot labels escape
+matplotlib's mathtext ``$``, and trace.load has already replaced control characters (which SVG,
+being XML, cannot hold). The page is built in memory; ``render`` writes it in one step."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -14,6 +20,9 @@ from matplotlib.patches import Rectangle
 
 from .analyze import VariantSummary
 from .show import mb, rate, short
+from .trace import write_atomic
+
+MAX_TABLE_ROWS = 200  # kernels (and other lists) per variant on the page; summary.json has all
 
 _COLORS = {"gemm": "#3b6fb6", "memory": "#e8893a", "other": "#9a9a9a"}
 
@@ -24,6 +33,12 @@ def _group(kind: str, is_gemm: bool) -> str:
     if kind in ("unknown", "memcpy", "memset", "collective"):
         return "other"
     return "memory"  # elementwise, pointwise, reductions, fused ops: they move memory
+
+
+def _label(text: str) -> str:
+    """A plot label shown as written: short, and no ``$`` starting matplotlib's mathtext (which
+    fails to draw unbalanced or unknown TeX)."""
+    return short(text, 48).replace("$", r"\$")
 
 
 def _svg_uri(fig: Figure) -> str:
@@ -40,11 +55,14 @@ def timeline_plot(summaries: list[VariantSummary]) -> str:
     ax = fig.subplots()
     for row, s in enumerate(summaries):
         kinds = {k.name: k.decoded for k in s.kernels}
+        spans: dict[str, list[tuple[float, float]]] = {group: [] for group in _COLORS}
         for step in s.timeline:
             d = kinds.get(step.name)
-            group = _group(step.kind, bool(d and d.is_gemm))
-            ax.broken_barh([(step.start_us, max(step.dur_us, 0.01))], (row - 0.35, 0.7), color=_COLORS[group])
-    ax.set_yticks(range(len(summaries)), [s.variant for s in summaries])
+            spans[_group(step.kind, bool(d and d.is_gemm))].append((step.start_us, max(step.dur_us, 0.01)))
+        for group, bars in spans.items():  # one artist per colour: thousands of kernels draw fast
+            if bars:
+                ax.broken_barh(bars, (row - 0.35, 0.7), color=_COLORS[group])
+    ax.set_yticks(range(len(summaries)), [_label(s.variant) for s in summaries])
     ax.invert_yaxis()
     unit = "us (GPU)" if any(s.on_gpu for s in summaries) else "us (CPU ops)"
     ax.set_xlabel(f"time from the forward's first kernel, {unit}")
@@ -66,7 +84,7 @@ def breakdown_plot(summaries: list[VariantSummary]) -> str:
             ax.barh(row - 0.18, width, left=left, height=0.34, color=color)
             left += width
         ax.barh(row + 0.18, s.cpu_us, height=0.34, color="#5aa469")
-    ax.set_yticks(range(len(summaries)), [s.variant for s in summaries])
+    ax.set_yticks(range(len(summaries)), [_label(s.variant) for s in summaries])
     ax.invert_yaxis()
     ax.set_xlabel("us per forward")
     ax.set_title("time breakdown: kernels (top bar) and CPU dispatch (bottom bar)")
@@ -100,7 +118,7 @@ def roofline_plot(summaries: list[VariantSummary], peaks: dict[str, float] | Non
                 [k.flops / k.bytes for k in mine],
                 [k.tflops for k in mine],
                 marker=markers[i % 9],
-                label=s.variant,
+                label=_label(s.variant),
             )
     if points:
         ax.set_xscale("log")
@@ -120,17 +138,47 @@ def roofline_plot(summaries: list[VariantSummary], peaks: dict[str, float] | Non
     return _svg_uri(fig)
 
 
-def render(summary: dict[str, Any], summaries: list[VariantSummary], out: Path) -> Path:
+_PROBLEMS = jinja2.Template(
+    """{% if problems %}<div id="problems" class="bad"><p><b>Problems in the traces</b> (what was
+left out of every number below or cut, and why):</p><ul>
+{% for variant, text in problems %}<li>{{ variant }}: {{ text }}</li>
+{% endfor %}</ul></div>{% endif %}""",
+    autoescape=True,
+)
+
+
+def _shown(s: VariantSummary) -> VariantSummary:
+    """``s`` with its lists cut to what a page can show (a trace may name a million kernels)."""
+    n = MAX_TABLE_ROWS
+    return dataclasses.replace(
+        s,
+        kernels=s.kernels[:n],
+        memory_ops=s.memory_ops[:n],
+        cpu_ops_without_kernels=s.cpu_ops_without_kernels[:n],
+        launches_per_forward=dict(list(s.launches_per_forward.items())[:n]),
+    )
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """One per process: compiling the template costs more than rendering it."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("fusedmlp.profiler", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,  # a typo in the template fails the test, not the reader
     )
     env.filters.update(short=short, mb=mb, rate=rate)
+    return env
+
+
+def render(summary: dict[str, Any], summaries: list[VariantSummary], out: Path | None = None) -> str:
+    """The page, as text; also written to ``out`` (atomically) when given."""
+    env = _environment()
     peaks = summary.get("peaks")
+    shown = [_shown(s) for s in summaries]
     html = env.get_template("report.html.j2").render(
         summary=summary,
-        summaries=summaries,
+        summaries=shown,
         peaks=peaks,
         plots={
             "timeline": timeline_plot(summaries),
@@ -138,5 +186,8 @@ def render(summary: dict[str, Any], summaries: list[VariantSummary], out: Path) 
             "roofline": roofline_plot(summaries, peaks),
         },
     )
-    out.write_text(html, encoding="utf-8")
-    return out
+    problems = _PROBLEMS.render(problems=[(s.variant, p) for s in summaries for p in s.problems])
+    html = html.replace("</h1>", "</h1>\n" + problems, 1) if problems else html
+    if out is not None:
+        write_atomic({out: html})
+    return html

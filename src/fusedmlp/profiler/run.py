@@ -95,6 +95,8 @@ def hf_variants(
         raise ProfileError("--hf-config needs transformers (pip install 'fusedmlp[hf]')") from None
     except (ValueError, OSError) as e:
         raise ProfileError(f"--hf-config {config}: {e}") from None
+    except Exception as e:  # a config that loads can still name an unknown activation or bad sizes
+        raise ProfileError(f"--hf-config {config}: cannot build the model: {type(e).__name__}: {e}") from None
     out = []
     for name in names:
         if name == "eager":

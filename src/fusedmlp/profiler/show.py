@@ -1,11 +1,15 @@
-"""The summaries as rich tables in the terminal."""
+"""The summaries as rich tables in the terminal. Names from traces go through ``esc``: rich reads
+``[...]`` in a string as markup, and a name such as ``[/]`` would make it raise."""
 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape as esc
 from rich.table import Table
 
 from .analyze import VariantSummary
+
+MAX_ROWS = 40  # kernels per variant in the terminal (slowest first); summary.json has all
 
 
 def short(name: str, width: int = 64) -> str:
@@ -47,7 +51,7 @@ def overview(summaries: list[VariantSummary], skipped: dict[str, str], console: 
         else:
             guess = f"[red]guessed {len(s.expected)}[/red]"
         t.add_row(
-            s.variant,
+            esc(s.variant),
             str(s.kernels_per_forward),
             guess,
             "-" if s.wall_us is None else f"{s.wall_us:,.1f}",
@@ -58,12 +62,15 @@ def overview(summaries: list[VariantSummary], skipped: dict[str, str], console: 
             mb(s.intermediate_bytes_saved_vs_eager),
         )
     for name, why in skipped.items():
-        t.add_row(name, "-", "-", "-", "-", "-", "-", why, "-", style="dim")
+        t.add_row(esc(name), "-", "-", "-", "-", "-", "-", esc(why), "-", style="dim")
     console.print(t)
+    for s in summaries:
+        for problem in s.problems:
+            console.print(f"[red]warning:[/red] {esc(s.variant)}: {esc(problem)}", highlight=False)
 
 
 def details(s: VariantSummary, peaks: dict[str, float] | None, console: Console) -> None:
-    t = Table(title=f"{s.variant}: {s.kernels_per_forward} kernels per forward ({s.forwards} forwards)")
+    t = Table(title=f"{esc(s.variant)}: {s.kernels_per_forward} kernels per forward ({s.forwards} forwards)")
     t.add_column("kernel")
     t.add_column("calls", justify="right")
     t.add_column("us", justify="right")
@@ -71,28 +78,30 @@ def details(s: VariantSummary, peaks: dict[str, float] | None, console: Console)
     t.add_column("expected as")
     t.add_column("TFLOP/s", justify="right")
     t.add_column("GB/s", justify="right")
-    for k in s.kernels:
+    for k in s.kernels[:MAX_ROWS]:
         t.add_row(
-            short(k.name),
+            esc(short(k.name)),
             f"{k.calls:g}",
             f"{k.time_us:,.1f}",
-            k.decoded.summary(),
-            ", ".join(k.roles) or ("[red]not guessed[/red]" if s.expected is not None else "-"),
+            esc(k.decoded.summary()),
+            esc(", ".join(k.roles)) or ("[red]not guessed[/red]" if s.expected is not None else "-"),
             rate(k.tflops, peaks and peaks["tflops"], ""),
             rate(k.gbps, peaks and peaks["gbps"], ""),
         )
     console.print(t)
-    console.print(f"  verdict: [bold]{s.verdict}[/bold]: {s.verdict_reason}")
+    if len(s.kernels) > MAX_ROWS:
+        console.print(f"  ... and {len(s.kernels) - MAX_ROWS:,} more kernels (all in summary.json)")
+    console.print(f"  verdict: [bold]{s.verdict}[/bold]: {esc(s.verdict_reason)}")
     if s.host_costs:
-        costs = ", ".join(f"{c['name']} {c['us']:.1f} us" for c in s.host_costs[:3])
-        console.print(f"  largest host costs per forward: {costs}", highlight=False)
+        costs = ", ".join(f"{short(c['name'])} {c['us']:.1f} us" for c in s.host_costs[:3])
+        console.print(f"  largest host costs per forward: {esc(costs)}", highlight=False)
     for note in s.expected_notes:
-        console.print(f"  [red]guess vs trace:[/red] {note}")
+        console.print(f"  [red]guess vs trace:[/red] {esc(note)}")
     if s.launches_per_forward or s.occupancy_queries_per_forward:
-        launches = ", ".join(f"{n} x{c:g}" for n, c in s.launches_per_forward.items())
+        launches = ", ".join(f"{short(n)} x{c:g}" for n, c in list(s.launches_per_forward.items())[:8])
         console.print(
-            f"  launches per forward: {launches}; occupancy queries: {s.occupancy_queries_per_forward:g}"
+            f"  launches per forward: {esc(launches)}; occupancy queries: {s.occupancy_queries_per_forward:g}"
         )
     if s.cpu_ops_without_kernels:
-        ops = ", ".join(f"{o['name']} x{o['calls']:g}" for o in s.cpu_ops_without_kernels[:8])
-        console.print(f"  CPU ops that launch no kernel: {ops}")
+        ops = ", ".join(f"{short(o['name'])} x{o['calls']:g}" for o in s.cpu_ops_without_kernels[:8])
+        console.print(f"  CPU ops that launch no kernel: {esc(ops)}")
