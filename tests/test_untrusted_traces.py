@@ -467,7 +467,8 @@ def test_fuzz_report_command_end_to_end(base, names, seed):
                 ET.fromstring(base64.b64decode(uri))  # each plot is well-formed XML
         else:
             lines = [line for line in text.splitlines() if line.strip()]
-            assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0]
+            assert code == 2 and len(lines) == 1 and str(path) in lines[0]
+            assert lines[0].startswith("fusedmlp: error:")
             assert not (out / "summary.json").exists()
 
 
