@@ -51,7 +51,7 @@ def main() -> None:
     fused = FusedGatedMLP.from_module(eager).requires_grad_(False)
     eager.requires_grad_(False)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    w, wo = fused.in_weight, fused.out_weight
+    w, wo = fused.merged_in_weight(), fused.out_weight
     h = torch.empty(1, 14336, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
     act, level, names = Activation.SILU, Recompute.ACTIVATION, functional.GATED_NAMES

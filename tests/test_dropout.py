@@ -59,7 +59,7 @@ def test_backward_applies_the_forward_mask(cls, recompute, dtype):
         keep = (y != 0).double()
         dy = torch.randn_like(y)
         y.backward(dy)
-    w_in, b_in = m.in_weight.detach(), m.in_bias.detach()
+    w_in, b_in = m.merged_in_weight().detach(), m.merged_in_bias().detach()  # [2H, D] when gated
 
     def forward(xx, wi, bi, wo, mask):
         pre = F.linear(xx, wi, bi)
@@ -79,7 +79,8 @@ def test_backward_applies_the_forward_mask(cls, recompute, dtype):
 
     eager = grads(dtype, keep)
     ref = grads(torch.float64, keep)
-    fused = (y, x.grad, m.in_weight.grad, m.in_bias.grad, m.out_weight.grad)
+    d_in = (m.in_weight.grad.reshape(w_in.shape), m.in_bias.grad.reshape(b_in.shape))
+    fused = (y, x.grad, *d_in, m.out_weight.grad)
     for name, f, e, r in zip(("y", "dx", "d w_in", "d b_in", "d w_out"), fused, eager, ref, strict=True):
         if dtype == torch.float64:  # eager is the reference itself: compare to it directly
             torch.testing.assert_close(f, r, rtol=1e-12, atol=1e-12)

@@ -95,11 +95,11 @@ def test_gradient_penalty_through_fused_modules(cls, act, recompute):
     got = _penalty_grads(fused, x)
 
     # the same loss on the eager formula, over the same parameters
-    w_in, b_in, w_out, b_out = fused.in_weight, fused.in_bias, fused.out_weight, fused.out_bias
+    w_out, b_out = fused.out_weight, fused.out_bias
     a = Activation(act)
 
     def reference(x):
-        z = torch.nn.functional.linear(x, w_in, b_in)
+        z = torch.nn.functional.linear(x, fused.merged_in_weight(), fused.merged_in_bias())
         if cls is FusedGatedMLP:
             g, u = z.chunk(2, dim=-1)
             return torch.nn.functional.linear(a(g) * u, w_out, b_out)

@@ -10,15 +10,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
 from . import ops, reference
 from .activations import Activation, resolve
 from .kernels import narrow_pack
 from .options import Recompute, resolve_recompute
 
 
+def _reject_dtensor(name: str) -> None:
+    raise TypeError(
+        f"{name} is a DTensor; fusedmlp's functional ops take local tensors: shard fused modules with "
+        "fusedmlp.parallel.FusedMLPParallel (tensor parallel) or fully_shard (FSDP2), or pass "
+        ".to_local() / .full_tensor()"
+    )
+
+
 def _check_float(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(t, DTensor):
+        _reject_dtensor(name)
     if not t.is_floating_point():
         raise TypeError(f"{name} has dtype {t.dtype}; fusedmlp needs a floating-point tensor")
 
@@ -98,6 +113,8 @@ def check_mlp(
         if not isinstance(t, Tensor) and not (optional and t is None):
             allowed = "a torch.Tensor or None" if optional else "a torch.Tensor"
             raise TypeError(f"{name} must be {allowed}, got {type(t).__name__}")
+        if isinstance(t, DTensor):
+            _reject_dtensor(name)
     if w_in.dim() != 2 or w_out.dim() != 2:
         bad = n_w_in if w_in.dim() != 2 else n_w_out
         raise ValueError(f"{bad} has shape {_shape(w_in if bad == n_w_in else w_out)}; expected a 2-D weight")
@@ -141,6 +158,8 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[st
         if not isinstance(t, Tensor) and not (optional and t is None):
             allowed = "a torch.Tensor or None" if optional else "a torch.Tensor"
             raise TypeError(f"{name} must be {allowed}, got {type(t).__name__}")
+        if isinstance(t, DTensor):
+            _reject_dtensor(name)
     if weight.dim() != 2:
         raise ValueError(f"{n_w} has shape {_shape(weight)}; expected a 2-D weight [out, in]")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):

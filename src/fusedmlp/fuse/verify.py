@@ -188,6 +188,11 @@ def _check_with_grads(
 
 def _not_swappable(block: nn.Module) -> str:
     """Why a block must stay whatever its forward computes; empty when nothing stands in the way."""
+    if any(type(p).__name__ == "DTensor" for p in block.parameters()):
+        return (
+            "its weights are sharded (DTensor): fuse the unsharded model, then shard it with "
+            "fusedmlp.parallel.FusedMLPParallel / fully_shard"
+        )
     for name, m in block.named_modules():
         where = f" (on {name})" if name else ""
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:

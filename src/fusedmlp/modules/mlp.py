@@ -13,6 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no parameter can be a DTensor
+    DTensor = ()  # type: ignore[assignment,misc]
+
 from .. import functional
 from ..activations import Activation, resolve
 from ..families import GATED_LAYOUTS, PLAIN_LAYOUTS, find_activation
@@ -28,6 +33,17 @@ from .state import (
 _PARAM_NAMES = ("in_weight", "in_bias", "out_weight", "out_bias")
 
 
+def _merged_rows(w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A gated module's [2, H, D] weight and [2, H] bias as the [2H, D] and [2H] views the
+    kernels take; ValueError naming the parameter when it has been replaced by another shape."""
+    if not isinstance(w, Tensor) or w.dim() != 3 or w.shape[0] != 2:
+        shape = tuple(getattr(w, "shape", ()))
+        raise ValueError(f"in_weight has shape {shape}; expected [2, H, D] (gate, up)")
+    if b is not None and (b.dim() != 2 or b.shape != w.shape[:2]):
+        raise ValueError(f"in_bias has shape {tuple(b.shape)}; expected {tuple(w.shape[:2])}")
+    return w.flatten(0, 1), (b.flatten() if b is not None else None)
+
+
 class _OneInput(nn.Module):
     """A fused module takes one input, positionally or by the name the replaced block's forward
     gave it (``input_name``, set by fuse: a parent calling ``self.mlp(hidden_states=x)`` keeps
@@ -41,6 +57,27 @@ class _OneInput(nn.Module):
         given = ["positional"] * (x is not None) + sorted(named)
         what = ", ".join(given) or "none"
         raise TypeError(f"{type(self).__name__} takes one input ({self.input_name}), got {what}")
+
+
+class _SourceProjection:
+    """``weight`` and ``bias`` of one replaced projection (gate_proj, down_proj, ...) of a fused
+    module: the state_dict's views, read when asked for."""
+
+    def __init__(self, module: _FusedMLPBase, name: str) -> None:
+        self._module, self._name = module, name
+
+    def _get(self, suffix: str) -> Tensor | None:
+        own = self._module._parameters
+        tensors = {n: own.get(n) for n in _PARAM_NAMES}
+        return source_named_tensors(self._module, tensors).get(f"{self._name}.{suffix}")  # type: ignore[arg-type]
+
+    @property
+    def weight(self) -> Tensor | None:
+        return self._get("weight")
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self._get("bias")
 
 
 class _FusedMLPBase(_OneInput):
@@ -87,9 +124,12 @@ class _FusedMLPBase(_OneInput):
             raise ValueError(f"a plain MLP's layout has 1 input name, got {self.layout.inputs}")
         in_bias, out_bias = (bias, bias) if isinstance(bias, bool) else bias
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        in_rows = intermediate_size * (2 if self.GATED else 1)
-        self.in_weight = nn.Parameter(torch.empty(in_rows, hidden_size, **kw))
-        self.in_bias = nn.Parameter(torch.empty(in_rows, **kw)) if in_bias else None
+        # gated: gate|up as [2, H, D] (and [2, H]): every parallelism is then a plain placement
+        # (tensor parallel shards dim 1, so each rank holds exactly [gate_r; up_r]), the state_dict
+        # shows gate and up as views, and the kernels take the contiguous [2H, D] view
+        lead = (2, intermediate_size) if self.GATED else (intermediate_size,)
+        self.in_weight = nn.Parameter(torch.empty(*lead, hidden_size, **kw))
+        self.in_bias = nn.Parameter(torch.empty(*lead, **kw)) if in_bias else None
         self.out_weight = nn.Parameter(torch.empty(self.out_features, intermediate_size, **kw))
         self.out_bias = nn.Parameter(torch.empty(self.out_features, **kw)) if out_bias else None
         self.reset_parameters()
@@ -101,18 +141,51 @@ class _FusedMLPBase(_OneInput):
             x = self._input(x, named)
         p = self._parameters  # one dict read per parameter (nn.Module.__getattr__ costs more)
         w_in, b_in, w_out, b_out = p["in_weight"], p.get("in_bias"), p["out_weight"], p.get("out_bias")
+        if isinstance(w_in, DTensor):  # sharded by fusedmlp.parallel (tensor parallel)
+            from ..parallel import tensor_parallel_forward
+
+            return tensor_parallel_forward(self, x)
+        if self.GATED:
+            w_in, b_in = _merged_rows(w_in, b_in)  # type: ignore[arg-type]
         functional.check_mlp(x, w_in, b_in, w_out, b_out, self.GATED, _PARAM_NAMES)  # type: ignore[arg-type]
         p_drop = self.hidden_dropout if self.training else 0.0
         act, gated, level = self.activation, self.GATED, self.recompute
         return functional.run_mlp(x, w_in, b_in, w_out, b_out, act, gated, level, p_drop)  # type: ignore[arg-type]
 
+    def __getattr__(self, name: str) -> Any:
+        """The replaced module's projections by name (``fused.gate_proj.weight``): views of the
+        fused parameters, as the state_dict shows them. Tools that resolve state_dict keys to
+        attributes (torch.distributed.checkpoint.state_dict) find them so."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layout = self.__dict__.get("layout")
+            if layout is not None and name in (*layout.inputs, layout.output):
+                return _SourceProjection(self, name)
+            raise
+
+    def merged_in_weight(self) -> Tensor:
+        """The input projection as the kernels take it: [2H, D] (gate rows, then up) when gated."""
+        return _merged_rows(self.in_weight, None)[0] if self.GATED else self.in_weight
+
+    def merged_in_bias(self) -> Tensor | None:
+        b = self.in_bias
+        return b.flatten() if self.GATED and b is not None else b
+
     def reset_parameters(self) -> None:
-        """nn.Linear's initialisation, applied to each projection."""
-        for w, b in ((self.in_weight, self.in_bias), (self.out_weight, self.out_bias)):
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            if b is not None:
-                bound = 1 / math.sqrt(w.shape[1])
-                nn.init.uniform_(b, -bound, bound)
+        """nn.Linear's initialisation, applied to each projection (gate and up each as the
+        [H, D] Linear it stands for)."""
+        w_in, b_in = self.in_weight, self.in_bias
+        if self.GATED:  # [2, H, D]: gate and up, each the [H, D] Linear it stands for
+            ins = [(w_in[i], None if b_in is None else b_in[i]) for i in range(2)]
+        else:
+            ins = [(w_in, b_in)]
+        with torch.no_grad():
+            for w, b in (*ins, (self.out_weight, self.out_bias)):
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                if b is not None:
+                    bound = 1 / math.sqrt(w.shape[1])
+                    nn.init.uniform_(b, -bound, bound)
 
     def extra_repr(self) -> str:
         return (
@@ -181,10 +254,11 @@ class _FusedMLPBase(_OneInput):
             hidden_dropout=hidden_dropout,
         )
         with torch.no_grad():
-            fused.in_weight.copy_(w_in)
+            fused.in_weight.copy_(w_in.view(fused.in_weight.shape))
             fused.out_weight.copy_(w_out)
             if fused.in_bias is not None:
-                fused.in_bias.copy_(torch.cat([b for _, b, _ in ins]))  # type: ignore[misc]
+                b_in = torch.cat([b for _, b, _ in ins])  # type: ignore[misc]
+                fused.in_bias.copy_(b_in.view(fused.in_bias.shape))
             if fused.out_bias is not None and b_out is not None:
                 fused.out_bias.copy_(b_out)
         return fused

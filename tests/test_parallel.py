@@ -1,0 +1,401 @@
+"""Scale-out through PyTorch's own stack, on the CPU with gloo in spawned processes (fp32, the
+torch path of the ops; the same code runs the kernels on GPUs): tensor parallel, sequence
+parallel, FSDP2 and their 2-D composition against unsharded eager over 3 AdamW steps; local
+shards equal [gate_r; up_r]; state_dict keys, placements and DCP checkpoints equal the unfused
+module's, with no collective in state_dict(); one all-reduce per block forward and backward
+under tensor parallel; checkpoints cross-load between fused and unfused, plain and sharded."""
+
+import datetime
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+D, H, STEPS = 16, 24, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(worker, world: int) -> None:
+    """Run ``worker(rank, world, tmpdir)`` in ``world`` spawned processes; re-raise a failure."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        errors = os.path.join(tmp, "errors")
+        os.makedirs(errors)
+        mp.spawn(_entry, args=(worker, world, port, tmp), nprocs=world, join=True)
+        failures = []
+        for name in sorted(os.listdir(errors)):
+            with open(os.path.join(errors, name)) as f:
+                failures.append(f.read())
+        assert not failures, "\n".join(failures)
+
+
+def _entry(rank, worker, world, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a rank that fails leaves the others in a collective: bounded, so CI cannot hang
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    torch.set_num_threads(1)
+    try:
+        worker(rank, world, tmp)
+        dist.barrier()  # no rank tears the group down while another is still in a collective
+    except BaseException:
+        with open(os.path.join(tmp, "errors", f"rank{rank}"), "w") as f:
+            f.write(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+class Block(nn.Module):
+    """A transformer-ish block: a norm, then the MLP with an in-place residual (y += x), which
+    fused modules support under every plan (torch's RowwiseParallel returns a view, on which the
+    unfused reference needs ``inplace=False``)."""
+
+    def __init__(self, mlp: nn.Module, inplace: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.mlp = mlp
+        self.inplace = inplace
+
+    def forward(self, x):
+        y = self.mlp(self.norm(x))
+        if self.inplace:
+            y += x
+            return y
+        return y + x
+
+
+def _models(seed: int = 0):
+    """(eager, fused) pairs of a 2-block model: a gated and a plain MLP, with biases."""
+    from fusedmlp import FusedGatedMLP, FusedMLP
+    from fusedmlp.reference import MLP, GatedMLP
+
+    torch.manual_seed(seed)
+    eager = nn.Sequential(Block(GatedMLP(D, H, "silu", bias=True)), Block(MLP(D, H, "gelu_tanh")))
+    fused = nn.Sequential(
+        Block(FusedGatedMLP.from_module(eager[0].mlp)), Block(FusedMLP.from_module(eager[1].mlp))
+    )
+    for f, e in zip(fused, eager, strict=True):
+        f.norm.load_state_dict(e.norm.state_dict())
+    return eager, fused
+
+
+def _train(model, xs, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    outs = []
+    for x in xs:
+        y = model(x)
+        y.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        outs.append(y.detach())
+    return outs, opt
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(_full(a), _full(b), rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def _tp_copy(unfused, ref):
+    """``unfused`` (already sharded) holding ``ref``'s weights (torch's sharded modules take a
+    full state_dict through set_model_state_dict; fused ones through load_state_dict too)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(unfused, ref.state_dict(), options=StateDictOptions(full_state_dict=True))
+    return unfused
+
+
+def _dcp_matrix(tmp, sharded: dict, ref) -> None:
+    """Every sharded model saves a DCP checkpoint; every model (those, and plain fused and
+    unfused ones) loads every checkpoint in place and then holds ``ref``'s weights."""
+    import torch.distributed.checkpoint as dcp
+
+    paths = {}
+    for name, model in sharded.items():
+        paths[name] = os.path.join(tmp, name.replace(" ", "_"))
+        dcp.save(model.state_dict(), checkpoint_id=paths[name])
+    dist.barrier()
+    targets = dict(sharded)
+    targets["plain unfused"], targets["plain fused"] = _models(seed=11)
+    for src, path in paths.items():
+        for name, model in targets.items():
+            with torch.no_grad():
+                for p in model.parameters():  # garbage first: the load must overwrite every value
+                    p.fill_(0.25)
+            dcp.load(model.state_dict(), checkpoint_id=path)  # in place: views land in the module
+            for k, v in model.state_dict().items():
+                _close(v, ref.state_dict()[k], f"DCP {src} -> {name}: {k}")
+
+
+def _tp_worker(rank, world, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import fusedmlp
+    from fusedmlp.parallel import FusedMLPParallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    eager, fused = _models()
+    ref_eager, _ = _models()
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 5, D) for _ in range(STEPS)]
+    parallelize_module(fused, mesh, {"0.mlp": FusedMLPParallel(), "1.mlp": FusedMLPParallel()})
+
+    # the local shard of gate|up is exactly [gate_r; up_r]
+    w = fused[0].mlp.in_weight
+    assert isinstance(w, DTensor) and w.placements[0].dim == 1
+    rows = torch.tensor_split(torch.arange(H), world)[rank]
+    local = w.to_local()
+    assert torch.equal(local[0], eager[0].mlp.gate_proj.weight[rows]) and torch.equal(
+        local[1], eager[0].mlp.up_proj.weight[rows]
+    )
+
+    # state_dict: keys and placements of the unfused module under Colwise/Rowwise, no collective
+    unfused = _models()[0]
+    plan = {f"{i}.mlp.{n}": ColwiseParallel() for i, names in ((0, ("gate_proj", "up_proj")), (1, ("fc1",)))
+            for n in names}
+    plan.update({"0.mlp.down_proj": RowwiseParallel(), "1.mlp.fc2": RowwiseParallel()})
+    parallelize_module(unfused, mesh, plan)
+    with CommDebugMode() as comm:
+        sd = fused.state_dict()
+    assert comm.get_total_counts() == 0, comm.get_comm_counts()
+    usd = unfused.state_dict()
+    report = fusedmlp.fuse(unfused, dry_run=True)  # already sharded by torch: refused, said why
+    assert not report.fused and len(report.skipped) == 2
+    assert all("sharded (DTensor): fuse the unsharded model" in s.reason for s in report.skipped), report
+    assert list(sd) == list(usd)
+    for k in sd:
+        a, b = sd[k], usd[k]
+        assert isinstance(a, DTensor) == isinstance(b, DTensor), k
+        if isinstance(a, DTensor):
+            assert a.placements == b.placements and a.shape == b.shape, (k, a.placements, b.placements)
+            assert torch.equal(a.to_local(), b.to_local()), k
+
+    # one all-reduce per block forward, one per block backward (the input gradient); the MLPs
+    # alone (CommDebugMode's module hooks forbid the blocks' in-place residual)
+    for block in fused:
+        x = xs[0].clone().requires_grad_()
+        with CommDebugMode() as comm:
+            y = block.mlp(x)
+        counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+        assert sum(counts.values()) == 1 and all("all_reduce" in k for k in counts), counts
+        with CommDebugMode() as comm:
+            y.sum().backward()
+        counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+        assert sum(counts.values()) == 1 and all("all_reduce" in k for k in counts), counts
+    fused.zero_grad()
+
+    # 3 AdamW steps against unsharded eager
+    got, _ = _train(fused, xs)
+    want, _ = _train(ref_eager, xs)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        _close(a, b, f"TP output, step {i}")
+    for k, v in fused.state_dict().items():
+        _close(v, ref_eager.state_dict()[k], f"TP {k} after {STEPS} steps")
+
+    # a full (Hugging Face style) state_dict of plain tensors loads into the TP model, locally
+    _, fresh = _models(seed=3)
+    parallelize_module(fresh, mesh, {"0.mlp": FusedMLPParallel(), "1.mlp": FusedMLPParallel()})
+    with CommDebugMode() as comm:
+        fresh.load_state_dict(ref_eager.state_dict())
+    assert comm.get_total_counts() == 0, comm.get_comm_counts()
+    _close(fresh(xs[0]), ref_eager(xs[0]), "TP model from a full state_dict")
+
+    # DCP: {fused, unfused} x {TP, plain}, saved by one, loaded by every other
+    _dcp_matrix(tmp, {"fused TP": fused, "unfused TP": _tp_copy(unfused, ref_eager)}, ref_eager)
+
+
+def _sp_worker(rank, world, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from fusedmlp.parallel import FusedMLPParallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    eager, fused = _models()
+    for block in fused:
+        block.norm = nn.Identity()  # the norm runs on the sequence shard: keep the MLP alone
+    for block in eager:
+        block.norm = nn.Identity()
+    parallelize_module(fused, mesh, {f"{i}.mlp": FusedMLPParallel(sequence_parallel=True) for i in (0, 1)})
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 4 * world, D) for _ in range(STEPS)]
+    shard = slice(4 * rank, 4 * (rank + 1))
+    opt = torch.optim.AdamW(fused.parameters(), lr=1e-2)
+    want, _ = _train(eager, xs)
+    for i, x in enumerate(xs):
+        y = fused(x[:, shard].contiguous())  # this rank's sequence shard in, its shard out
+        _close(y, want[i][:, shard], f"SP output, step {i}")
+        loss = y.square().sum() / want[i].numel()  # the sum of all ranks' terms is the eager loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in fused.state_dict().items():
+        _close(v, eager.state_dict()[k], f"SP {k} after {STEPS} steps")
+
+
+def _fsdp_worker(rank, world, tmp):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from fusedmlp.parallel import fsdp_shard_placement, optimizer_state_from_source, optimizer_state_to_source
+
+    mesh = init_device_mesh("cpu", (world,))
+    eager, fused = _models()
+    ref = _models()[0]
+    place = fsdp_shard_placement(fused)
+    for block in fused:
+        fully_shard(block, mesh=mesh, shard_placement_fn=place)
+    fully_shard(fused, mesh=mesh, shard_placement_fn=place)
+    for block in eager:
+        fully_shard(block, mesh=mesh)
+    fully_shard(eager, mesh=mesh)
+
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 5, D) for _ in range(STEPS)]
+    got, opt = _train(fused, xs)
+    _, eager_opt = _train(eager, xs)
+    ref_out, _ = _train(ref, xs)
+    for i in range(STEPS):
+        _close(got[i], ref_out[i], f"FSDP2 output, step {i}")
+
+    # state_dict: no collective; keys, placements and local shards equal the unfused FSDP2 run's
+    with CommDebugMode() as comm:
+        sd = fused.state_dict()
+    assert comm.get_total_counts() == 0, comm.get_comm_counts()
+    esd = eager.state_dict()
+    assert list(sd) == list(esd)
+    for k in sd:
+        assert isinstance(sd[k], DTensor) and sd[k].placements == esd[k].placements, k
+        _close(sd[k], ref.state_dict()[k], f"FSDP2 {k}")
+        torch.testing.assert_close(sd[k].to_local(), esd[k].to_local(), rtol=1e-5, atol=1e-5)
+
+    # torch.distributed.checkpoint.state_dict: get (sharded and full) and set (full)
+    msd = get_model_state_dict(fused)
+    assert list(msd) == list(esd)
+    full = get_model_state_dict(fused, options=StateDictOptions(full_state_dict=True))
+    for k, v in full.items():
+        _close(v, ref.state_dict()[k], f"full state_dict {k}")
+    _, other = _models(seed=5)
+    for block in other:
+        fully_shard(block, mesh=mesh, shard_placement_fn=fsdp_shard_placement(other))
+    set_model_state_dict(other, full, options=StateDictOptions(full_state_dict=True))
+    for k, v in other.state_dict().items():
+        _close(v, ref.state_dict()[k], f"set_model_state_dict {k}")
+
+    # optimizer state: the fused run's, converted, equals the unfused run's (and back)
+    fused_osd = get_optimizer_state_dict(fused, opt)
+    eager_osd = get_optimizer_state_dict(eager, eager_opt)
+    converted = optimizer_state_to_source(fused, fused_osd)
+    assert set(converted["state"]) == set(eager_osd["state"])
+    for name, per in eager_osd["state"].items():
+        for key, value in per.items():
+            _close(converted["state"][name][key], value, f"optimizer {name} {key}")
+    assert [set(g["params"]) for g in converted["param_groups"]] == [
+        set(g["params"]) for g in eager_osd["param_groups"]
+    ]
+    back = optimizer_state_from_source(fused, eager_osd)
+    assert set(back["state"]) == set(fused_osd["state"])
+    for name, per in fused_osd["state"].items():
+        for key, value in per.items():
+            _close(back["state"][name][key], value, f"optimizer back {name} {key}")
+
+    # DCP: fused FSDP2 -> unfused plain model, unfused FSDP2 -> fused plain model
+    path = os.path.join(tmp, "ckpt_fused")
+    dcp.save(fused.state_dict(), checkpoint_id=path)
+    path_e = os.path.join(tmp, "ckpt_eager")
+    dcp.save(eager.state_dict(), checkpoint_id=path_e)
+    dist.barrier()
+    plain_eager, plain_fused = _models(seed=7)
+    for model, ckpt in ((plain_eager, path), (plain_fused, path_e), (plain_fused, path)):
+        target = model.state_dict()
+        dcp.load(target, checkpoint_id=ckpt)  # in place: the views land in the module
+        for k, v in model.state_dict().items():
+            _close(v, ref.state_dict()[k], f"DCP {ckpt} -> {type(model[0].mlp).__name__} {k}")
+
+
+def _two_d_worker(rank, world, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fusedmlp.parallel import FusedMLPParallel, fsdp_shard_placement
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    eager, fused = _models()
+    ref = _models()[0]
+    parallelize_module(fused, mesh["tp"], {f"{i}.mlp": FusedMLPParallel() for i in (0, 1)})
+    place = fsdp_shard_placement(fused)
+    for block in fused:
+        fully_shard(block, mesh=mesh["dp"], shard_placement_fn=place)
+    plan = {"0.mlp.gate_proj": ColwiseParallel(), "0.mlp.up_proj": ColwiseParallel(),
+            "0.mlp.down_proj": RowwiseParallel(), "1.mlp.fc1": ColwiseParallel(),
+            "1.mlp.fc2": RowwiseParallel()}
+    parallelize_module(eager, mesh["tp"], plan)
+    for block in eager:
+        block.inplace = False
+        fully_shard(block, mesh=mesh["dp"])
+    torch.manual_seed(1 + mesh["dp"].get_local_rank())  # each data-parallel rank its own batch
+    xs = [torch.randn(2, 5, D) for _ in range(STEPS)]
+    got, _ = _train(fused, xs)
+    want, _ = _train(eager, xs)
+    for i in range(STEPS):
+        _close(got[i], want[i], f"2-D output, step {i}")
+    sd, esd = fused.state_dict(), eager.state_dict()
+    assert list(sd) == list(esd)
+    for k in sd:
+        assert sd[k].placements == esd[k].placements, (k, sd[k].placements, esd[k].placements)
+        _close(sd[k], esd[k], f"2-D {k} after {STEPS} steps")
+    _dcp_matrix(tmp, {"fused 2-D": fused, "unfused 2-D": eager}, eager)
+    del ref
+
+
+@pytest.mark.parametrize("worker", [_tp_worker, _sp_worker, _fsdp_worker])
+def test_two_ranks(worker):
+    _run(worker, 2)
+
+
+def test_fsdp2_by_tensor_parallel_2x2():
+    _run(_two_d_worker, 4)
+
+
+def test_functional_ops_reject_dtensors():
+    from torch.distributed.tensor import DTensor
+
+    from fusedmlp import functional
+
+    class Fake(DTensor):  # isinstance is all the check looks at
+        pass
+
+    x = torch.randn(3, D).as_subclass(Fake)
+    with pytest.raises(TypeError, match="is a DTensor; fusedmlp's functional ops take local tensors"):
+        functional.gated_mlp(x, torch.randn(2 * H, D), None, torch.randn(D, H), None)
+    with pytest.raises(TypeError, match="FusedMLPParallel"):
+        functional.act(x)
