@@ -9,6 +9,7 @@ from . import functional, ops, options
 from .activations import Activation
 from .fuse import FoldReport, FuseReport, fold, fuse, unfuse
 from .modules import (
+    FusedGatedExperts,
     FusedGatedMLP,
     FusedLinearAct,
     FusedMLP,
@@ -25,6 +26,7 @@ __all__ = [
     "Activation",
     "FoldReport",
     "FuseReport",
+    "FusedGatedExperts",
     "FusedGatedMLP",
     "FusedLinearAct",
     "FusedMLP",

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import find, verify
+from ..modules.experts import experts_spec
+from . import experts, find, verify
 from .report import FusedBlock, FuseReport, SkippedBlock
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -76,11 +77,32 @@ class _Sharing:
         return ""
 
 
+def _try_experts(
+    block: nn.Module, path: str, sharing: _Sharing
+) -> tuple[FusedBlock | SkippedBlock, nn.Module | None]:
+    """A mixture-of-experts block's experts module: proven as fuse/experts.py says."""
+    spec = experts_spec(block)
+    if isinstance(spec, str):
+        return SkippedBlock(path, spec, "experts"), None
+    _, E, D, H, act, gpt_oss, _ = spec
+    kind, act_name = f"experts x{E}", "gpt_oss_swiglu" if gpt_oss else act.value
+    shapes = ((D, 2 * H), (H, D))
+    if reason := sharing.problem(block) or verify._not_swappable(block):
+        return SkippedBlock(path, reason, kind, act_name, shapes), None
+    proof = experts.prove_experts(block)
+    if proof.module is None:
+        return SkippedBlock(path, proof.reason, kind, act_name, shapes), None
+    record = FusedBlock(path, kind, act_name, shapes, type(proof.module).__name__, str(proof.checks[-1]))
+    return record, proof.module
+
+
 def _try(
     block: nn.Module, path: str, sharing: _Sharing, parent: nn.Module | None = None, name: str = ""
 ) -> tuple[FusedBlock | SkippedBlock, nn.Module | None] | None:
     """None when ``block`` is no candidate (or only a guess that failed: not worth reporting);
     else the record and, when proven, the fused module."""
+    if experts.is_experts(block):
+        return _try_experts(block, path, sharing)
     cands = find.candidates(block)
     if not cands:
         skipped = find.conv_mlp(block)

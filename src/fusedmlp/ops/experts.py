@@ -1,0 +1,267 @@
+"""Mixture-of-experts MLPs as an op: tokens grouped by expert, the experts' gate|up as ONE grouped
+GEMM with the gated activation in its epilogue (writing only h), the down projection as a
+grouped GEMM that applies the routing weight, summed back to token order; the backward as
+grouped GEMMs and the pointwise activation derivative, as in the dense MLP.
+
+Routing: ``top_k_index`` [T, k] names each token's experts; the T*k (token, expert) assignments
+are sorted by expert (stable), so expert e owns rows offsets[e]..offsets[e+1] of the gathered
+input. Indices outside [0, E) (Hugging Face's expert-parallel sentinel) contribute nothing: they
+are routed to expert E-1 with weight 0. No host synchronisation: offsets stay on the device.
+
+Where Triton serves the call (ops/dispatch.py) the grouped kernels run (kernels/grouped.py);
+elsewhere a loop over experts in torch, the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..activations import Activation
+from . import higher_order
+from .dispatch import use_triton
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertActivation:
+    """The experts' gated activation: h = act(gate) * up, or (``gpt_oss`` = (alpha, limit)) the
+    gpt-oss clamped SwiGLU h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
+    g = min(gate, limit)."""
+
+    act: Activation = Activation.SILU
+    gpt_oss: tuple[float, float] | None = None
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.gpt_oss is None:
+            return reference.gated_act(gate, up, self.act)
+        alpha, limit = self.gpt_oss
+        g = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
+
+    def describe(self) -> str:
+        return "gpt_oss_swiglu" if self.gpt_oss is not None else self.act.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The assignments sorted by expert: ``token`` [A] (each row's token), ``weight`` [A] (its
+    routing weight, 0 for invalid indices), ``offsets`` [E+1] (int64, on the device), ``order``
+    [A] (each row's position in the flattened [T*k] routing), ``valid`` [A] (its index was in
+    range)."""
+
+    token: Tensor
+    weight: Tensor
+    offsets: Tensor
+    order: Tensor
+    valid: Tensor
+
+
+def route(top_k_index: Tensor, top_k_weights: Tensor, num_experts: int) -> Routing:
+    k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
+    flat = top_k_index.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    expert = torch.where(valid, flat, num_experts - 1)
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    weight = torch.where(valid, top_k_weights.reshape(-1), 0)[order]
+    return Routing(order // k, weight, offsets, order, valid[order])
+
+
+# ---------------------------------------------------------------------------------------------
+# the grouped GEMMs: kernels where Triton runs, else these torch loops (the reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def _segments(offsets: Tensor) -> list[tuple[int, int, int]]:
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())) if hi > lo]
+
+
+def gate_up_act_reference(
+    x: Tensor, w: Tensor, bias: Tensor | None, offsets: Tensor, act: ExpertActivation
+) -> tuple[Tensor, Tensor]:
+    """(h [A, H], pre [A, 2H]) for w [E, 2, H, D], in x's dtype, expert by expert."""
+    H = w.shape[2]
+    pre = x.new_empty(x.shape[0], 2 * H)
+    for e, lo, hi in _segments(offsets):
+        pre[lo:hi] = F.linear(x[lo:hi], w[e].flatten(0, 1), None if bias is None else bias[e].flatten())
+    return act(pre[:, :H], pre[:, H:]), pre
+
+
+def matmul_reference(
+    a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Tensor | None = None,
+    row_scale: Tensor | None = None,
+) -> Tensor:
+    """c[rows_e] = (a[rows_e] @ (b[e]^T if trans_b else b[e]) + bias[e]) * row_scale[rows]."""
+    n_out = b.shape[1] if trans_b else b.shape[2]
+    c = a.new_zeros(a.shape[0], n_out)
+    for e, lo, hi in _segments(offsets):
+        be = b[e].t() if trans_b else b[e]
+        ce = a[lo:hi] @ be
+        if bias is not None:
+            ce = ce + bias[e]
+        c[lo:hi] = ce
+    if row_scale is not None:
+        c = c * row_scale[:, None].to(c.dtype)
+    return c
+
+
+def weight_grad_reference(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+    """out[e] = a[rows_e]^T @ b[rows_e]."""
+    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
+    for e, lo, hi in _segments(offsets):
+        out[e] = a[lo:hi].t() @ b[lo:hi]
+    return out
+
+
+def segment_sum(g: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+    """[E, cols]: the sum of each expert's rows of g (no host synchronisation)."""
+    counts = offsets[1:] - offsets[:-1]
+    experts = torch.arange(num_experts, device=g.device)
+    expert = torch.repeat_interleave(experts, counts, output_size=g.shape[0])
+    return g.new_zeros(num_experts, g.shape[1]).index_add_(0, expert, g)
+
+
+def _kernels(*tensors: Tensor | None) -> Any:
+    """kernels/grouped.py where Triton serves these tensors, else None."""
+    if not use_triton(*tensors):
+        return None
+    try:
+        from ..kernels import grouped
+    except ImportError:
+        return None
+    return grouped
+
+
+def _gate_up_act(x: Tensor, w: Tensor, bias: Tensor | None, offsets: Tensor, act: ExpertActivation,
+                 store_pre: bool) -> tuple[Tensor, Tensor | None]:
+    k = _kernels(x, w, bias)
+    if k is None:
+        h, pre = gate_up_act_reference(x, w, bias, offsets, act)
+        return h, pre if store_pre else None
+    return k.grouped_gate_up_act(x, w, bias, offsets, act.act, gpt_oss=act.gpt_oss, store_pre=store_pre)
+
+
+def _matmul(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Tensor | None = None,
+            row_scale: Tensor | None = None) -> Tensor:
+    k = _kernels(a, b, bias)
+    if k is None:
+        return matmul_reference(a, b, offsets, trans_b, bias, row_scale)
+    return k.grouped_matmul(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=row_scale)
+
+
+def _weight_grad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+    k = _kernels(a, b)
+    if k is None:
+        return weight_grad_reference(a, b, offsets, num_experts)
+    return k.grouped_weight_grad(a, b, offsets, num_experts)
+
+
+def _act_backward(dh: Tensor, pre: Tensor, act: ExpertActivation) -> tuple[Tensor, Tensor]:
+    """(d pre [A, 2H], h [A, H]) from dh and the saved gate|up (h recomputed for W_down's
+    gradient): torch autograd of the activation alone, elementwise."""
+    H = dh.shape[1]
+    with torch.enable_grad():
+        p = pre.detach().requires_grad_()
+        h = act(p[:, :H], p[:, H:])
+        (dpre,) = torch.autograd.grad(h, p, dh)
+    return dpre, h.detach()
+
+
+def experts_forward(
+    x: Tensor, routing: Routing, w_gu: Tensor, b_gu: Tensor | None, w_down: Tensor, b_down: Tensor | None,
+    act: ExpertActivation, store_pre: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(y [T, D], the gathered x [A, D], pre [A, 2H] when ``store_pre``)."""
+    xs = x[routing.token]
+    h, pre = _gate_up_act(xs, w_gu, b_gu, routing.offsets, act, store_pre)
+    ys = _matmul(h, w_down, routing.offsets, trans_b=True, bias=b_down, row_scale=routing.weight)
+    del h
+    y = torch.zeros_like(x).index_add_(0, routing.token, ys)
+    return y, xs, pre
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """Autograd of the experts: the routing weights, x, and every weight and bias get gradients;
+    second derivatives recompute with torch ops (ops/higher_order.py)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, top_k_weights: Tensor, w_gu: Tensor, b_gu: Tensor | None, w_down: Tensor,
+        b_down: Tensor | None, routing: Routing, act: ExpertActivation,
+    ) -> Tensor:
+        y, _, pre = experts_forward(x, routing, w_gu, b_gu, w_down, b_down, act, store_pre=True)
+        ctx.routing, ctx.act, ctx.k_shape = routing, act, top_k_weights.shape
+        ctx.save_for_backward(x, top_k_weights, w_gu, b_gu, w_down, b_down, pre)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, top_k_weights, w_gu, b_gu, w_down, b_down, pre = ctx.saved_tensors
+        r: Routing = ctx.routing
+        act: ExpertActivation = ctx.act
+        if higher_order.wants_graph():
+            grads = higher_order.differentiable_grads(
+                lambda x_, tw, w1, b1, w2, b2: experts_reference(x_, r, tw, w1, b1, w2, b2, act),
+                (x, top_k_weights, w_gu, b_gu, w_down, b_down),
+                dy,
+            )
+            return (*grads, None, None)
+        E, H = w_gu.shape[0], w_gu.shape[2]
+        offs = r.offsets
+        dys = dy[r.token]  # [A, D]
+        # h recomputed for W_down's gradient and the routing weights' gradient
+        dh_unscaled = _matmul(dys, w_down, offs, trans_b=False)  # dys @ W_down[e]: [A, H]
+        weight = r.weight.to(dys.dtype)
+        dh = dh_unscaled * weight[:, None]
+        dpre, h = _act_backward(dh, pre, act)
+        del dh
+        ys_unscaled = _matmul(h, w_down, offs, trans_b=True, bias=b_down)  # [A, D]
+        d_weight_sorted = (dys.float() * ys_unscaled.float()).sum(-1) * r.valid
+        d_top_k = torch.zeros(r.order.shape[0], dtype=torch.float32, device=dy.device)
+        d_top_k[r.order] = d_weight_sorted
+        d_top_k = d_top_k.view(ctx.k_shape).to(top_k_weights.dtype)
+        # invalid indices (routed with weight 0) get no gradient
+        dys_scaled = dys * weight[:, None]
+        dw_down = _weight_grad(dys_scaled, h, offs, E) if w_down.requires_grad else None
+        db_down = segment_sum(dys_scaled, offs, E) if b_down is not None and b_down.requires_grad else None
+        xs = x[r.token]
+        dxs = _matmul(dpre, w_gu.flatten(1, 2), offs, trans_b=False)  # dpre @ W_gu[e]: [A, D]
+        dx = torch.zeros_like(x).index_add_(0, r.token, dxs)
+        dw_gu = _weight_grad(dpre, xs, offs, E).view(w_gu.shape) if w_gu.requires_grad else None
+        db_gu = segment_sum(dpre, offs, E).view(E, 2, H) if b_gu is not None and b_gu.requires_grad else None
+        return dx, d_top_k, dw_gu, db_gu, dw_down, db_down, None, None
+
+
+def experts_reference(
+    x: Tensor, routing: Routing, top_k_weights: Tensor, w_gu: Tensor, b_gu: Tensor | None, w_down: Tensor,
+    b_down: Tensor | None, act: ExpertActivation,
+) -> Tensor:
+    """The experts in differentiable torch ops (routing weights re-read from ``top_k_weights``
+    so that their gradient flows): the reference, and the double-backward path."""
+    H = w_gu.shape[2]
+    xs = x[routing.token]
+    b_in = None if b_gu is None else b_gu.flatten(1)
+    pre = matmul_reference(xs, w_gu.flatten(1, 2), routing.offsets, True, b_in)
+    h = act(pre[:, :H], pre[:, H:])
+    ys = matmul_reference(h, w_down, routing.offsets, True, b_down)
+    weight = top_k_weights.reshape(-1)[routing.order] * routing.valid
+    return torch.zeros_like(x).index_add_(0, routing.token, ys * weight[:, None].to(ys.dtype))
+
+
+def experts(
+    x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w_gu: Tensor, b_gu: Tensor | None, w_down: Tensor,
+    b_down: Tensor | None, act: ExpertActivation,
+) -> Tensor:
+    """y [T, D] of the experts over x [T, D] (validated by the caller)."""
+    routing = route(top_k_index, top_k_weights, w_gu.shape[0])
+    tensors = (x, top_k_weights, w_gu, b_gu, w_down, b_down)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return ExpertsFunction.apply(x, top_k_weights, w_gu, b_gu, w_down, b_down, routing, act)
+    return experts_forward(x, routing, w_gu, b_gu, w_down, b_down, act, store_pre=False)[0]
