@@ -167,7 +167,9 @@ def _hf_small(model_type):
     sizes = {"hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 24, "num_hidden_layers": 2,
              "head_dim": 8, "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
              "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1,
-             "topk_group": 1, "shared_expert_intermediate_size": 40}
+             "topk_group": 1, "shared_expert_intermediate_size": 40, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+             "kv_lora_rank": 16, "q_lora_rank": 16}
     config = hf_models.hf_config(model_type, sizes)
     model = hf_models.build_model(config, DEVICE, torch.float32)
     return model, hf_models.example_inputs(model, tokens=6)
@@ -175,7 +177,8 @@ def _hf_small(model_type):
 
 @needs_hf
 @pytest.mark.parametrize("model_type,act", [("mixtral", "silu"), ("qwen3_moe", "silu"), ("qwen2_moe", "silu"),
-                                            ("olmoe", "silu"), ("gpt_oss", "gpt_oss_swiglu")])
+                                            ("olmoe", "silu"), ("gpt_oss", "gpt_oss_swiglu"),
+                                            ("deepseek_v3", "silu")])
 def test_hf_moe_models_fuse(model_type, act):
     model, inputs = _hf_small(model_type)
     sd = {k: v.clone() for k, v in model.state_dict().items()}

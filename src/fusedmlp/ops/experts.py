@@ -68,7 +68,10 @@ def route(top_k_index: Tensor, top_k_weights: Tensor, num_experts: int) -> Routi
     valid = (flat >= 0) & (flat < num_experts)
     expert = torch.where(valid, flat, num_experts - 1)
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=num_experts)
+    # counts by scatter-add: torch.bincount reads the largest index on the host (a CUDA sync)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, expert, torch.ones_like(expert)
+    )
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     weight = torch.where(valid, top_k_weights.reshape(-1), 0)[order]
     return Routing(order // k, weight, offsets, order, valid[order])
