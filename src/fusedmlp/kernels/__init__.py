@@ -24,7 +24,7 @@ from .profile import KernelProfile
 # variable when a kernel is decorated; this is the one place fusedmlp reads it.
 INTERPRETING: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_KERNEL_MODULES = ("gemm_act", "gemm_act_bwd", "pointwise", "narrow_mlp")
+_KERNEL_MODULES = ("gemm_act", "gemm_act_bwd", "pointwise", "narrow_mlp", "grouped")
 
 
 def profiles() -> list[KernelProfile]:

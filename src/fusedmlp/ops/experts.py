@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import reference
 from ..activations import Activation
 from . import higher_order
-from .dispatch import use_triton
+from .dispatch import fused_gemm_ok, use_triton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +124,23 @@ def weight_grad_reference(a: Tensor, b: Tensor, offsets: Tensor, num_experts: in
 
 
 def segment_sum(g: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
-    """[E, cols]: the sum of each expert's rows of g (no host synchronisation)."""
+    """[E, cols]: the sum of each expert's rows of g, accumulated in fp32 (the bias gradients)."""
+    k = _kernels(g)
+    if k is not None:
+        return k.grouped_bias_grad(g, offsets, num_experts)
     counts = offsets[1:] - offsets[:-1]
     experts = torch.arange(num_experts, device=g.device)
     expert = torch.repeat_interleave(experts, counts, output_size=g.shape[0])
-    return g.new_zeros(num_experts, g.shape[1]).index_add_(0, expert, g)
+    acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    sums = torch.zeros(num_experts, g.shape[1], dtype=acc, device=g.device).index_add_(0, expert, g.to(acc))
+    return sums.to(g.dtype)
 
 
 def _kernels(*tensors: Tensor | None) -> Any:
-    """kernels/grouped.py where Triton serves these tensors, else None."""
-    if not use_triton(*tensors):
+    """kernels/grouped.py where Triton serves these tensors, else None. fp32 on a GPU takes the
+    torch loop: Triton's fp32 dots missed the numerics contract (dispatch.fused_gemm_ok)."""
+    first = tensors[0]
+    if not use_triton(*tensors) or (first is not None and first.is_cuda and not fused_gemm_ok(first.dtype)):
         return None
     try:
         from ..kernels import grouped
