@@ -399,3 +399,49 @@ def test_functional_ops_reject_dtensors():
         functional.gated_mlp(x, torch.randn(2 * H, D), None, torch.randn(D, H), None)
     with pytest.raises(TypeError, match="FusedMLPParallel"):
         functional.act(x)
+
+
+def _ep_worker(rank, world, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from fusedmlp import FusedGatedExperts
+    from fusedmlp.parallel import ExpertsParallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    ref = FusedGatedExperts(4, D, H, "silu", bias=True)
+    sharded = FusedGatedExperts(4, D, H, "silu", bias=True)
+    sharded.load_state_dict(ref.state_dict())
+    holder = nn.ModuleDict({"experts": sharded})
+    parallelize_module(holder, mesh, {"experts": ExpertsParallel()})
+    assert isinstance(sharded.gate_up, DTensor) and sharded.gate_up.to_local().shape[0] == 4 // world
+    with CommDebugMode() as comm:
+        sd = sharded.state_dict()
+    assert comm.get_total_counts() == 0 and list(sd) == list(ref.state_dict())
+    assert all(isinstance(v, DTensor) and v.placements == (Shard(0),) for v in sd.values())
+    opt_s = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    for step in range(STEPS):
+        x = torch.randn(11, D)
+        index = torch.rand(11, 4).topk(2, dim=1).indices
+        weights = torch.softmax(torch.randn(11, 2), -1)
+        outs = []
+        for model, opt in ((sharded, opt_s), (ref, opt_r)):
+            xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            y = model(xx, index, ww)
+            y.square().mean().backward()
+            outs.append((y.detach(), xx.grad, ww.grad))
+            opt.step()
+            opt.zero_grad()
+        for name, a, b in zip(("y", "dx", "d weights"), *outs, strict=True):
+            _close(a, b, f"EP {name}, step {step}")
+    for k, v in sharded.state_dict().items():
+        _close(v, ref.state_dict()[k], f"EP {k} after {STEPS} steps")
+
+
+def test_expert_parallel_two_ranks():
+    _run(_ep_worker, 2)

@@ -36,8 +36,10 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from . import functional
+from .modules.experts import FusedGatedExperts
 from .modules.mlp import FusedGatedMLP, FusedMLP, _FusedMLPBase, _merged_rows
 from .modules.state import load_state_dict_hook, source_named_tensors
+from .ops.experts import experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,53 @@ def tensor_parallel_forward(module: _FusedMLPBase, x: Tensor) -> Tensor:
         return y
     placement = Replicate() if seq_dim is None else Shard(seq_dim)
     return DTensor.from_local(y, mesh, [placement], run_check=False)
+
+
+class ExpertsParallel(ParallelStyle):
+    """Expert parallel for :class:`FusedGatedExperts`: each rank holds E/n whole experts
+    (Shard(0) of ``gate_up`` [E, 2, H, D], ``down`` [E, D, H] and their biases). Every rank sees
+    all tokens (as they leave a replicated attention block), runs its own experts on the tokens
+    routed to them (indices of other ranks' experts contribute nothing, as Hugging Face's
+    expert-parallel masking does), and the partial outputs meet in one all-reduce; the backward
+    sums the tokens' and routing weights' gradients across ranks (one all-reduce each)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, FusedGatedExperts):
+            raise TypeError(f"ExpertsParallel shards FusedGatedExperts modules, got {type(module).__name__}")
+        if device_mesh.ndim != 1 or module.num_experts % device_mesh.size():
+            raise ValueError(
+                f"ExpertsParallel needs a 1-D mesh whose size divides the {module.num_experts} experts, "
+                f"got {device_mesh.ndim}-D of size {device_mesh.size()}"
+            )
+        for name in ("gate_up", "gate_up_bias", "down", "down_bias"):
+            param = module._parameters.get(name)
+            if param is None:
+                continue
+            sharded = distribute_tensor(param.detach(), device_mesh, [Shard(0)])
+            module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module._expert_parallel = device_mesh
+        return module
+
+
+def expert_parallel_forward(module: FusedGatedExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """The forward of experts sharded by :class:`ExpertsParallel` (see there)."""
+    mesh: DeviceMesh | None = getattr(module, "_expert_parallel", None)
+    if mesh is None:
+        raise RuntimeError(
+            "FusedGatedExperts' parameters are DTensors but were not sharded by "
+            "fusedmlp.parallel.ExpertsParallel; shard experts with that style"
+        )
+    p = module._parameters
+    local = {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in p.items()}
+    n_local = local["gate_up"].shape[0]  # type: ignore[union-attr]
+    start = mesh.get_local_rank() * n_local
+    mine = index - start
+    mine = torch.where((mine >= 0) & (mine < n_local), mine, n_local)  # others' experts: no contribution
+    x_all = _ToAllRanks.apply(x, mesh, None)
+    w_all = _ToAllRanks.apply(weights, mesh, None)
+    y = experts(x_all, mine, w_all, local["gate_up"], local.get("gate_up_bias"), local["down"],  # type: ignore[arg-type]
+                local.get("down_bias"), module.act)
+    return _SumPartials.apply(y, mesh, None)
 
 
 def fsdp_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Shard | None]:

@@ -23,6 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no parameter can be a DTensor
+    DTensor = ()  # type: ignore[assignment,misc]
+
 from ..activations import Activation, activation_of, resolve
 from ..ops.experts import ExpertActivation, experts
 
@@ -99,6 +104,10 @@ class FusedGatedExperts(nn.Module):
     def forward(self, *args: Tensor, **named: Tensor) -> Tensor:
         x, index, weights = self._inputs(args, named)
         _check(x, index, weights, self)
+        if isinstance(self.gate_up, DTensor):  # sharded by fusedmlp.parallel.ExpertsParallel
+            from ..parallel import expert_parallel_forward
+
+            return expert_parallel_forward(self, x, index, weights)
         w_gu, b_gu, w_down, b_down = self.gate_up, self.gate_up_bias, self.down, self.down_bias
         return experts(x, index, weights, w_gu, b_gu, w_down, b_down, self.act)
 
