@@ -224,3 +224,20 @@ def test_every_activation_through_the_module():
             ref = loop_reference(m, x.double(), index, weights.double(),
                                  [m.gate_up.double(), None, m.down.double(), None])
         torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", ["none", "activation", "gemm"])
+def test_recompute_levels_give_the_same_gradients(recompute):
+    torch.manual_seed(0)
+    m = FusedGatedExperts(4, 16, 24, "gelu_tanh", bias=True, device=DEVICE, recompute=recompute)
+    ref = FusedGatedExperts(4, 16, 24, "gelu_tanh", bias=True, device=DEVICE)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(13, 16, device=DEVICE)
+    index, weights = _routing(13, 4, 2, skew=True)
+    grads = []
+    for module in (m, ref):
+        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        module(xx, index, ww).square().sum().backward()
+        grads.append([xx.grad, ww.grad, *(p.grad for p in module.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -219,7 +219,7 @@ def expert_parallel_forward(module: FusedGatedExperts, x: Tensor, index: Tensor,
     x_all = _ToAllRanks.apply(x, mesh, None)
     w_all = _ToAllRanks.apply(weights, mesh, None)
     y = experts(x_all, mine, w_all, local["gate_up"], local.get("gate_up_bias"), local["down"],  # type: ignore[arg-type]
-                local.get("down_bias"), module.act)
+                local.get("down_bias"), module.act, module.recompute)
     return _SumPartials.apply(y, mesh, None)
 
 

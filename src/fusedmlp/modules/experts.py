@@ -30,6 +30,7 @@ except ImportError:  # a torch built without distributed: no parameter can be a 
 
 from ..activations import Activation, activation_of, resolve
 from ..ops.experts import ExpertActivation, experts
+from ..options import Recompute, resolve_recompute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class FusedGatedExperts(nn.Module):
         gpt_oss: tuple[float, float] | None = None,
         layout: ExpertsLayout | None = None,
         input_names: tuple[str, str, str] = ("hidden_states", "top_k_index", "top_k_weights"),
+        recompute: str | Recompute = Recompute.ACTIVATION,
     ) -> None:
         super().__init__()
         for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
@@ -72,6 +74,7 @@ class FusedGatedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.act = ExpertActivation(resolve(activation), gpt_oss)
         self.layout = layout or ExpertsLayout()
+        self.recompute = resolve_recompute(recompute)  # GEMM: gate|up recomputed in the backward
         self.input_names = input_names
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         E, D, H = num_experts, hidden_size, intermediate_size
@@ -109,7 +112,7 @@ class FusedGatedExperts(nn.Module):
 
             return expert_parallel_forward(self, x, index, weights)
         w_gu, b_gu, w_down, b_down = self.gate_up, self.gate_up_bias, self.down, self.down_bias
-        return experts(x, index, weights, w_gu, b_gu, w_down, b_down, self.act)
+        return experts(x, index, weights, w_gu, b_gu, w_down, b_down, self.act, self.recompute)
 
     def _inputs(self, args: tuple[Tensor, ...], named: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         values = list(args)
@@ -135,7 +138,8 @@ class FusedGatedExperts(nn.Module):
         layout, E, D, H, act, gpt_oss, bias = spec
         w = getattr(experts_module, layout.gate_up)
         fused = cls(E, D, H, kwargs.get("activation", act), bias, w.device, w.dtype, gpt_oss=gpt_oss,
-                    layout=layout, input_names=_input_names(experts_module))
+                    layout=layout, input_names=_input_names(experts_module),
+                    recompute=kwargs.get("recompute", Recompute.ACTIVATION))
         fused.load_state_dict(experts_module.state_dict())
         return fused
 

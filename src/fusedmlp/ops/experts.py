@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import reference
 from ..activations import Activation
+from ..options import Recompute
 from . import higher_order
 from .dispatch import fused_gemm_ok, use_triton
 
@@ -205,8 +206,11 @@ class ExpertsFunction(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, top_k_weights: Tensor, w_gu: Tensor, b_gu: Tensor | None, w_down: Tensor,
         b_down: Tensor | None, routing: Routing, act: ExpertActivation,
+        recompute: Recompute = Recompute.ACTIVATION,
     ) -> Tensor:
-        y, _, pre = experts_forward(x, routing, w_gu, b_gu, w_down, b_down, act, store_pre=True)
+        # gate|up [A, 2H] is saved unless Recompute.GEMM, which recomputes it in the backward
+        keep = recompute.saves_preactivation
+        y, _, pre = experts_forward(x, routing, w_gu, b_gu, w_down, b_down, act, store_pre=keep)
         ctx.routing, ctx.act, ctx.k_shape = routing, act, top_k_weights.shape
         ctx.save_for_backward(x, top_k_weights, w_gu, b_gu, w_down, b_down, pre)
         return y
@@ -222,9 +226,11 @@ class ExpertsFunction(torch.autograd.Function):
                 (x, top_k_weights, w_gu, b_gu, w_down, b_down),
                 dy,
             )
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         E, H = w_gu.shape[0], w_gu.shape[2]
         offs = r.offsets
+        if pre is None:  # Recompute.GEMM: gate|up again, from the gathered x
+            pre = _gate_up_act(x[r.token], w_gu, b_gu, offs, act, store_pre=True)[1]
         dys = dy[r.token]  # [A, D]
         # h recomputed for W_down's gradient and the routing weights' gradient
         dh_unscaled = _matmul(dys, w_down, offs, trans_b=False)  # dys @ W_down[e]: [A, H]
@@ -246,7 +252,7 @@ class ExpertsFunction(torch.autograd.Function):
         dx = torch.zeros_like(x).index_add_(0, r.token, dxs)
         dw_gu = _weight_grad(dpre, xs, offs, E).view(w_gu.shape) if w_gu.requires_grad else None
         db_gu = segment_sum(dpre, offs, E).view(E, 2, H) if b_gu is not None and b_gu.requires_grad else None
-        return dx, d_top_k, dw_gu, db_gu, dw_down, db_down, None, None
+        return dx, d_top_k, dw_gu, db_gu, dw_down, db_down, None, None, None
 
 
 def experts_reference(
@@ -267,11 +273,12 @@ def experts_reference(
 
 def experts(
     x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w_gu: Tensor, b_gu: Tensor | None, w_down: Tensor,
-    b_down: Tensor | None, act: ExpertActivation,
+    b_down: Tensor | None, act: ExpertActivation, recompute: Recompute = Recompute.ACTIVATION,
 ) -> Tensor:
-    """y [T, D] of the experts over x [T, D] (validated by the caller)."""
+    """y [T, D] of the experts over x [T, D] (validated by the caller). ``recompute``: what
+    training saves (Recompute.GEMM: only the tokens; the others: gate|up as well)."""
     routing = route(top_k_index, top_k_weights, w_gu.shape[0])
     tensors = (x, top_k_weights, w_gu, b_gu, w_down, b_down)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return ExpertsFunction.apply(x, top_k_weights, w_gu, b_gu, w_down, b_down, routing, act)
+        return ExpertsFunction.apply(x, top_k_weights, w_gu, b_gu, w_down, b_down, routing, act, recompute)
     return experts_forward(x, routing, w_gu, b_gu, w_down, b_down, act, store_pre=False)[0]
