@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from conftest import DEVICE
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fusedmlp import FusedGatedMLP, FusedMLP, functional, reference
@@ -107,6 +107,26 @@ def _contract(name, fused_fn, eager_fn, tensors, grad_seed):
         assert check.nonfinite_match and check.fused.max_abs <= 2 * check.eager.max_abs + atol, str(check)
 
 
+# Where the derivative jumps (relu, relu6 at 0; relu6 at 6). In 16-bit dtypes a pre-activation
+# within rounding distance of a kink takes either side of it depending on the GEMM's summation
+# order: eager and fused each pick one (so does the float64 reference, from the unrounded value)
+# and a gradient element differs by |dh * x|. The derivative is ill-conditioned there, not the
+# kernel wrong: such draws are discarded for the gradient contract (fp32 keeps them all).
+KINKS = {Activation.RELU: (0.0,), Activation.RELU6: (0.0, 6.0)}
+
+
+def near_kink(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: Activation, rows: int) -> bool:
+    """Whether any of the first ``rows`` pre-activations of x @ w^T + b lies within 16-bit
+    rounding and summation error of a kink of ``act`` (x, w in a 16-bit dtype)."""
+    if act not in KINKS or x.dtype not in (torch.float16, torch.bfloat16) or x.numel() == 0:
+        return False
+    x64, w64 = x.detach().double().reshape(-1, x.shape[-1]), w.detach().double()[:rows]
+    z = x64 @ w64.t() + (0 if b is None else b.detach().double()[:rows])
+    spread = x64.abs() @ w64.abs().t()  # what the summation order can move
+    eps = torch.finfo(x.dtype).eps
+    return any(bool(((z - k).abs() < 4 * eps * (spread + abs(k))).any()) for k in KINKS[act])
+
+
 @SETTINGS
 @given(data=st.data(), gated=st.booleans(), act=st.sampled_from(ACTS), dtype=st.sampled_from(DTYPES),
        d=st.integers(1, 40), h=st.integers(1, 48), d_out=st.integers(1, 24), bias=st.booleans(),
@@ -115,6 +135,7 @@ def test_mlp_property(data, gated, act, dtype, d, h, d_out, bias, recompute, see
     x = data.draw(inputs(d, dtype))
     w_in, b_in = _weight(2 * h if gated else h, d, dtype, seed, bias)
     w_out, b_out = _weight(d_out, h, dtype, seed + 1, bias)
+    assume(not near_kink(x, w_in, b_in, act, h))  # gate rows (or all rows): those the act sees
     op = functional.gated_mlp if gated else functional.mlp
     eager = reference.gated_mlp if gated else reference.mlp
     _contract(
@@ -132,6 +153,7 @@ def test_mlp_property(data, gated, act, dtype, d, h, d_out, bias, recompute, see
 def test_linear_act_property(data, act, dtype, d, n, bias, seed):
     x = data.draw(inputs(d, dtype))
     w, b = _weight(n, d, dtype, seed, bias)
+    assume(not near_kink(x, w, b, act, n))
     _contract(
         f"linear_act {act.value} {dtype} x{tuple(x.shape)}",
         lambda *t: functional.linear_act(*t, activation=act),
@@ -194,6 +216,7 @@ def test_module_property(data, cls, act, dtype, d, h, bias, recompute):
     x = data.draw(inputs(d, dtype))
     names = ["in_weight", "in_bias", "out_weight", "out_bias"]
     params = [getattr(m, n) for n in names]
+    assume(not near_kink(x, m.merged_in_weight(), m.merged_in_bias(), m.activation, h))
     gated = cls is FusedGatedMLP
     eager = reference.gated_mlp if gated else reference.mlp
 
