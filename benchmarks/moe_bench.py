@@ -100,12 +100,14 @@ def measure(fn, train: bool) -> dict[str, float | None]:
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return {"wall_us": times["wall"], "gpu_us": graph_us(fn),
-            "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if train else None}
+    return {
+        "wall_us": times["wall"],
+        "gpu_us": graph_us(fn),
+        "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if train else None,
+    }
 
 
-def run_preset(p: MoEPreset, T: int) -> list[dict]:
-    rows = []
+def run_preset(p: MoEPreset, T: int, rows: list[dict], save) -> None:
     for skewed in (False, True):
         index, weights = routing(T, p, skewed)
         x = torch.randn(T, p.hidden, device="cuda", dtype=torch.bfloat16)
@@ -132,18 +134,35 @@ def run_preset(p: MoEPreset, T: int) -> list[dict]:
                     r = measure(step, train)
                 except Exception as e:  # a variant that fails is reported, not fatal
                     r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-                rows.append({"preset": p.name, "tokens": T, "skewed": skewed, "variant": name,
-                             "mode": "train" if train else "forward", **r})
+                rows.append(
+                    {
+                        "preset": p.name,
+                        "tokens": T,
+                        "skewed": skewed,
+                        "variant": name,
+                        "mode": "train" if train else "forward",
+                        **r,
+                    }
+                )
                 print(rows[-1], flush=True)
+                save()
         if hasattr(torch, "_grouped_mm") and p.model_type != "gpt_oss":
             f = variants["fusedmlp"]
             w_gu = f.gate_up.detach().flatten(1, 2).contiguous()
             fn = floor_fn(x, index, weights, w_gu, f.down.detach())
             floor = "floor: 2 x torch._grouped_mm"
-            rows.append({"preset": p.name, "tokens": T, "skewed": skewed, "variant": floor, "mode": "forward",
-                         **measure(fn, False)})
+            rows.append(
+                {
+                    "preset": p.name,
+                    "tokens": T,
+                    "skewed": skewed,
+                    "variant": floor,
+                    "mode": "forward",
+                    **measure(fn, False),
+                }
+            )
             print(rows[-1], flush=True)
-    return rows
+            save()
 
 
 def main() -> None:
@@ -152,12 +171,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--preset", choices=sorted(PRESETS), action="append")
     a = ap.parse_args()
-    rows = [r for name in a.preset or sorted(PRESETS) for r in run_preset(PRESETS[name], a.tokens)]
-    if a.out:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        path = Path(a.out) / f"moe-bench-{stamp}.json"
-        path.write_text(json.dumps({"env": env, "rows": rows}, indent=1, allow_nan=False))
+    rows: list[dict] = []
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    path = Path(a.out) / f"moe-bench-{stamp}.json" if a.out else None
+
+    def save() -> None:  # after every row, so that a run cut short keeps what it measured
+        if path is not None:
+            path.write_text(json.dumps({"env": env, "rows": rows}, indent=1, allow_nan=False))
+
+    for name in a.preset or sorted(PRESETS):
+        run_preset(PRESETS[name], a.tokens, rows, save)
+    if path is not None:
         print("wrote", path)
 
 
