@@ -200,6 +200,22 @@ def test_matmul_out():
     assert c.data_ptr() == big[:, 8:28].data_ptr() and not c.isnan().any() and big[:, :8].isnan().all()
 
 
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_matmul_scatter_rows(trans_b):
+    """scatter_rows: row r of the product lands at row perm[r] (the experts' rows back in token
+    order); every row written once, nothing else."""
+    counts = _counts("random", 5)
+    N = sum(counts)
+    a, b, bias, s = _matmul_case(N, 24, 37, 5, torch.bfloat16, trans_b, True, torch.float32)
+    perm, off = torch.randperm(N, device=DEVICE), _offsets(counts)
+    c = grouped.grouped_matmul(a, b, off, trans_b=trans_b, bias=bias, row_scale=s, scatter_rows=perm)
+    e_c = grouped.grouped_matmul_reference(a, b, off, trans_b=trans_b, bias=bias, row_scale=s)
+    r_c = grouped.grouped_matmul_reference(
+        a.double(), b.double(), off, trans_b=trans_b, bias=_d(bias), row_scale=_d(s)
+    )
+    assert_contract("c", c[perm], e_c, r_c)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("routing", ["random", "skewed", "many"])
 def test_weight_and_bias_grad(routing, dtype):
@@ -319,6 +335,10 @@ def test_bad_arguments():
         grouped.grouped_matmul(x, w[:, 0], off, trans_b=True, row_scale=torch.ones(10, dtype=torch.float64))
     with pytest.raises(ValueError, match="row_scale must have shape"):
         grouped.grouped_matmul(x, w[:, 0], off, trans_b=True, row_scale=torch.ones(9))
+    with pytest.raises(ValueError, match=r"scatter_rows must have shape \(10,\)"):
+        grouped.grouped_matmul(x, w[:, 0], off, trans_b=True, scatter_rows=torch.arange(9, device=DEVICE))
+    with pytest.raises(TypeError, match="scatter_rows must be int64"):
+        grouped.grouped_matmul(x, w[:, 0], off, trans_b=True, scatter_rows=torch.arange(10.0, device=DEVICE))
     with pytest.raises(ValueError, match="same rows"):
         grouped.grouped_weight_grad(x, x[:9], off, 2)
     with pytest.raises(ValueError, match="num_experts \\+ 1 = 4"):

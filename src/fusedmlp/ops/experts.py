@@ -27,6 +27,7 @@ from ..activations import Activation
 from ..options import Recompute
 from . import higher_order
 from .dispatch import fused_gemm_ok, use_triton
+from .fused_mlp import pointwise_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +55,21 @@ class Routing:
     """The assignments sorted by expert: ``token`` [A] (each row's token), ``weight`` [A] (its
     routing weight, 0 for invalid indices), ``offsets`` [E+1] (int64, on the device), ``order``
     [A] (each row's position in the flattened [T*k] routing), ``valid`` [A] (its index was in
-    range)."""
+    range), ``expert`` [A] (its expert), ``top_k`` (k: A = T * k)."""
 
     token: Tensor
     weight: Tensor
     offsets: Tensor
     order: Tensor
     valid: Tensor
+    expert: Tensor
+    top_k: int
+
+    def to_tokens(self, rows: Tensor) -> Tensor:
+        """[T, D]: the sum over each token's k rows of ``rows`` [A, D], given in the flattened
+        routing order (token-major; the grouped GEMMs scatter there through ``order``), summed
+        in fp32 and rounded once."""
+        return rows.view(-1, self.top_k, rows.shape[-1]).sum(1)
 
 
 def route(top_k_index: Tensor, top_k_weights: Tensor, num_experts: int) -> Routing:
@@ -75,7 +84,7 @@ def route(top_k_index: Tensor, top_k_weights: Tensor, num_experts: int) -> Routi
     )
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     weight = torch.where(valid, top_k_weights.reshape(-1), 0)[order]
-    return Routing(order // k, weight, offsets, order, valid[order])
+    return Routing(order // k, weight, offsets, order, valid[order], expert[order], k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +169,19 @@ def _gate_up_act(x: Tensor, w: Tensor, bias: Tensor | None, offsets: Tensor, act
 
 
 def _matmul(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Tensor | None = None,
-            row_scale: Tensor | None = None) -> Tensor:
+            row_scale: Tensor | None = None, scatter_rows: Tensor | None = None) -> Tensor:
+    """The grouped GEMM; with ``scatter_rows`` (a permutation), row r lands at scatter_rows[r]."""
     k = _kernels(a, b, bias)
     if k is None:
-        return matmul_reference(a, b, offsets, trans_b, bias, row_scale)
-    return k.grouped_matmul(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=row_scale)
+        c = matmul_reference(a, b, offsets, trans_b, bias, row_scale)
+        if scatter_rows is None:
+            return c
+        out = torch.empty_like(c)
+        out[scatter_rows] = c
+        return out
+    return k.grouped_matmul(
+        a, b, offsets, trans_b=trans_b, bias=bias, row_scale=row_scale, scatter_rows=scatter_rows
+    )
 
 
 def _weight_grad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
@@ -174,10 +191,15 @@ def _weight_grad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Ten
     return k.grouped_weight_grad(a, b, offsets, num_experts)
 
 
-def _act_backward(dh: Tensor, pre: Tensor, act: ExpertActivation) -> tuple[Tensor, Tensor]:
-    """(d pre [A, 2H], h [A, H]) from dh and the saved gate|up (h recomputed for W_down's
-    gradient): torch autograd of the activation alone, elementwise."""
+def _act_backward(dh: Tensor, pre: Tensor, act: ExpertActivation, in_place: bool) -> tuple[Tensor, Tensor]:
+    """(d pre [A, 2H], h [A, H]) from dh and gate|up (h recomputed for W_down's gradient). The
+    gated activations: one pointwise kernel (as the dense backward), which writes h over dh and,
+    with ``in_place``, d(gate|up) over ``pre``; gpt-oss's clamped SwiGLU: torch autograd."""
     H = dh.shape[1]
+    if act.gpt_oss is None:
+        dpre = pre if in_place else torch.empty_like(pre)
+        pointwise_backward(dh, pre[:, :H], pre[:, H:], act.act, dpre[:, :H], dpre[:, H:], dh)
+        return dpre, dh
     with torch.enable_grad():
         p = pre.detach().requires_grad_()
         h = act(p[:, :H], p[:, H:])
@@ -192,10 +214,10 @@ def experts_forward(
     """(y [T, D], the gathered x [A, D], pre [A, 2H] when ``store_pre``)."""
     xs = x[routing.token]
     h, pre = _gate_up_act(xs, w_gu, b_gu, routing.offsets, act, store_pre)
-    ys = _matmul(h, w_down, routing.offsets, trans_b=True, bias=b_down, row_scale=routing.weight)
+    ys = _matmul(h, w_down, routing.offsets, trans_b=True, bias=b_down, row_scale=routing.weight,
+                 scatter_rows=routing.order)
     del h
-    y = torch.zeros_like(x).index_add_(0, routing.token, ys)
-    return y, xs, pre
+    return routing.to_tokens(ys), xs, pre
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -229,17 +251,21 @@ class ExpertsFunction(torch.autograd.Function):
             return (*grads, None, None, None)
         E, H = w_gu.shape[0], w_gu.shape[2]
         offs = r.offsets
+        in_place = pre is None  # a gate|up of our own can take its gradient in place
         if pre is None:  # Recompute.GEMM: gate|up again, from the gathered x
             pre = _gate_up_act(x[r.token], w_gu, b_gu, offs, act, store_pre=True)[1]
         dys = dy[r.token]  # [A, D]
-        # h recomputed for W_down's gradient and the routing weights' gradient
         dh_unscaled = _matmul(dys, w_down, offs, trans_b=False)  # dys @ W_down[e]: [A, H]
         weight = r.weight.to(dys.dtype)
-        dh = dh_unscaled * weight[:, None]
-        dpre, h = _act_backward(dh, pre, act)
-        del dh
-        ys_unscaled = _matmul(h, w_down, offs, trans_b=True, bias=b_down)  # [A, D]
-        d_weight_sorted = (dys.float() * ys_unscaled.float()).sum(-1) * r.valid
+        # h recomputed (over dh) for W_down's gradient and the routing weights' gradient
+        dpre, h = _act_backward(dh_unscaled * weight[:, None], pre, act, in_place)
+        # d weight[r] = dys[r] . (h[r] W_down[e]^T + b_down[e]) = dh_unscaled[r] . h[r] + dys[r] . b_down[e]:
+        # no second down-projection GEMM
+        d_weight_sorted = (dh_unscaled * h).sum(-1, dtype=torch.float32)
+        del dh_unscaled
+        if b_down is not None:
+            d_weight_sorted += (dys * b_down[r.expert]).sum(-1, dtype=torch.float32)
+        d_weight_sorted *= r.valid
         d_top_k = torch.zeros(r.order.shape[0], dtype=torch.float32, device=dy.device)
         d_top_k[r.order] = d_weight_sorted
         d_top_k = d_top_k.view(ctx.k_shape).to(top_k_weights.dtype)
@@ -248,8 +274,8 @@ class ExpertsFunction(torch.autograd.Function):
         dw_down = _weight_grad(dys_scaled, h, offs, E) if w_down.requires_grad else None
         db_down = segment_sum(dys_scaled, offs, E) if b_down is not None and b_down.requires_grad else None
         xs = x[r.token]
-        dxs = _matmul(dpre, w_gu.flatten(1, 2), offs, trans_b=False)  # dpre @ W_gu[e]: [A, D]
-        dx = torch.zeros_like(x).index_add_(0, r.token, dxs)
+        # dpre @ W_gu[e] [A, D], scattered back to routing order
+        dx = r.to_tokens(_matmul(dpre, w_gu.flatten(1, 2), offs, trans_b=False, scatter_rows=r.order))
         dw_gu = _weight_grad(dpre, xs, offs, E).view(w_gu.shape) if w_gu.requires_grad else None
         db_gu = segment_sum(dpre, offs, E).view(E, 2, H) if b_gu is not None and b_gu.requires_grad else None
         return dx, d_top_k, dw_gu, db_gu, dw_down, db_down, None, None, None

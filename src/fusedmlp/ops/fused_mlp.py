@@ -90,7 +90,7 @@ def mlp_forward(
     return y, (pre if store_pre else None), (h if keep_h else None)
 
 
-def _pointwise_backward(
+def pointwise_backward(
     dh: Tensor,
     gate: Tensor,
     up: Tensor | None,
@@ -179,7 +179,7 @@ def mlp_backward_impl(
             h = dh if in_place else torch.empty_like(dh)
         H = dh.shape[1]
         up, dup = (pre[:, H:], dpre[:, H:]) if gated else (None, None)
-        _pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None, traced, dropout)
+        pointwise_backward(dh, pre[:, :H], up, act, dpre[:, :H], dup, h if need_h else None, traced, dropout)
         del dh  # in place, h now names this buffer; dropped below once W_out's gradient is taken
     if dw_out is None:
         # Output projection's gradients first, so that h is freed before the two GEMMs over
@@ -231,7 +231,7 @@ def _backward_recompute_blocks(
         dh = dy @ w_out[:, j0:j1]
         up = pre[1] if gated else None
         block_drop = dropout.block(j0) if dropout is not None else None
-        _pointwise_backward(dh, pre[0], up, act, pre[0], up, dh, traced, block_drop)  # in place
+        pointwise_backward(dh, pre[0], up, act, pre[0], up, dh, traced, block_drop)  # in place
         dpre, h = pre, dh  # gate|up now hold their gradients, dh holds h
         del pre, up, dh
         torch.mm(dy.t(), h, out=dw_out[:, j0:j1])
@@ -510,7 +510,7 @@ def linear_act_backward_impl(
     """(dx, dw, db) of h = act(x w^T + b): dpre = dh * act'(pre) (over pre when ``in_place``),
     then dx = dpre w and dw = dpre^T x, one GEMM each."""
     dpre = pre if in_place else torch.empty_like(pre)
-    _pointwise_backward(dh, pre, None, act, dpre, None, None, traced)
+    pointwise_backward(dh, pre, None, act, dpre, None, None, traced)
     return dpre @ w, dpre.t() @ x, (dpre.sum(0) if has_bias else None)
 
 
