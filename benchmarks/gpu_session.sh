@@ -9,8 +9,9 @@
 #   train      forward and forward+backward, peak memory (geglu-article, llama3-8b, the narrow MLP)
 #   e2e        Hugging Face models end to end (fusedmlp bench --hf-config ...)
 #   gluon      the Gluon Hopper kernels' check and timings
-#   moetests   the experts, grouped-kernel and Gluon tests on the GPU
-#   moe        the MoE layers side by side (benchmarks/moe_bench.py; MOE_PRESETS, default qwen3-30b-a3b)
+#   moetests   the experts, grouped-kernel, MoE-case and Gluon tests on the GPU
+#   moe        fusedmlp bench --moe --train for each of MOE_PRESETS (default qwen3-30b-a3b)
+#   moeprofile fusedmlp profile --moe MOE_PROFILE (default qwen3-30b-a3b)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -44,11 +45,16 @@ for stage in "$@"; do
       (cd .scratch/gluon && timeout 60 python3 gpu_check.py --quick 2>&1 | tail -25 \
         && OUT=$OUT timeout 120 python3 gpu_check.py 2>&1 | tail -30) ;;
     moetests)
-      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_kernels.py tests/test_experts.py \
-        tests/test_gluon_gpu.py tests/test_gluon_dispatch.py 2>&1 | tee "$OUT/pytest-moe.log" | tail -25 ;;
-    moe)
-      timeout "${MOE_TIMEOUT:-280}" python3 benchmarks/moe_bench.py --out "$OUT" \
-        $(for p in ${MOE_PRESETS:-qwen3-30b-a3b}; do echo --preset "$p"; done) 2>&1 | tail -40 ;;
+      n=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+      timeout 230 python3 -m pytest -q $n -p no:cacheprovider tests/test_grouped_kernels.py tests/test_experts.py \
+        tests/test_moe_cases.py tests/test_gluon_gpu.py tests/test_gluon_dispatch.py 2>&1 | tee "$OUT/pytest-moe.log" | tail -6 ;;
+    moe)  # each preset in its own process (fresh memory); MOE_PRESETS, default qwen3-30b-a3b
+      for p in ${MOE_PRESETS:-qwen3-30b-a3b}; do
+        timeout "${MOE_TIMEOUT:-200}" python3 -m fusedmlp bench --moe "$p" --train --out "$OUT/moe" 2>&1 \
+          | grep -E "wrote|rror" ; done ;;
+    moeprofile)
+      timeout 120 python3 -m fusedmlp profile --moe "${MOE_PROFILE:-qwen3-30b-a3b}" --variants hf,fusedmlp \
+        --out "$OUT/moe-profile" 2>&1 | tail -25 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

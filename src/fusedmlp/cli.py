@@ -19,6 +19,7 @@ from typing import NoReturn
 import torch
 from rich.console import Console
 
+from .cases.moe import MOE_PRESETS, MOE_PROFILE_VARIANTS, MOE_VARIANTS, ROUTINGS
 from .cases.presets import PRESETS
 from .cases.variants import ALL_VARIANTS, BENCH_VARIANTS, PROFILE_VARIANTS
 from .profiler.run import ProfileError
@@ -139,9 +140,13 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
     if not torch.cuda.is_available():
         raise CLIError("fusedmlp bench needs a CUDA GPU (use `fusedmlp profile` on a CPU)")
+    if args.moe and (args.preset or args.hf_config):
+        raise CLIError("--moe cannot be combined with --preset or --hf-config: run them separately")
     _prepare_out(args.out)
     if args.hf_config:
         return _bench_e2e(args, console)
+    if args.moe:
+        return _bench_moe(args, console)
     variants = tuple(args.variants.split(",")) if args.variants else BENCH_VARIANTS
     dtype = _DTYPES[args.dtype or "bf16"]
     names = args.preset or ["geglu-article", "llama3-8b", "llama3-8b-decode", "gpt2"]
@@ -160,6 +165,34 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
             path = run.save(record, Path(args.out))  # after every case: a timeout keeps what finished
     for key, cfg in record.get("tuned", {}).items():
         console.print(f"autotuned {key}: {cfg}")
+    report.write_markdown(record, path.with_suffix(".md"))
+    report.plot(record, path.with_suffix(".png"))
+    console.print(f"wrote {path} (+ .md, .png)")
+    return 0
+
+
+def _bench_moe(args: argparse.Namespace, console: Console) -> int:
+    """MoE layers (bench/moe.py): every preset under both routings, one record for all."""
+    from .bench import moe, report, run
+    from .cases.moe import get_moe_preset
+    from .cases.timing import measure_peaks
+
+    names = tuple(args.variants.split(",")) if args.variants else MOE_VARIANTS
+    unknown = [n for n in names if n not in MOE_VARIANTS]
+    if unknown:
+        raise CLIError(f"unknown MoE variant(s) {', '.join(unknown)}; choose from {', '.join(MOE_VARIANTS)}")
+    dtype = _DTYPES[args.dtype or "bf16"]
+    peaks = measure_peaks("cuda")
+    record: dict = {"env": run.environment(), "peaks": peaks, "baseline": "hf", "cases": []}
+    for name in args.moe:
+        preset = get_moe_preset(name)
+        for m in args.tokens or (preset.tokens,):
+            p = preset.with_tokens(m)
+            for kind in ROUTINGS:
+                console.print(f"[bold]{p.name}[/bold] M={p.tokens}, {kind} routing")
+                record["cases"].append(moe.run_case(p, kind, dtype, names, peaks, train=args.train))
+                console.print(report.case_table(record["cases"][-1]))
+                path = run.save(record, Path(args.out), prefix="moe-bench")  # a timeout keeps what finished
     report.write_markdown(record, path.with_suffix(".md"))
     report.plot(record, path.with_suffix(".png"))
     console.print(f"wrote {path} (+ .md, .png)")
@@ -263,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_DIR",
         help="a transformers model from its config, fused by fusedmlp.fuse",
     )
+    shape.add_argument(
+        "--moe",
+        choices=sorted(MOE_PRESETS),
+        help="a mixture-of-experts layer (Hugging Face experts, fixed routing)",
+    )
     prof.add_argument("--tokens", type=_positive_int, help="number of tokens (M); replaces the preset's")
     prof.add_argument("--hidden", type=_positive_int, help="model width D; replaces the preset's")
     prof.add_argument("--intermediate", type=_positive_int, help="MLP width H; replaces the preset's")
@@ -272,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument(
         "--variants",
         type=_names,
-        default=",".join(PROFILE_VARIANTS),
-        help="comma-separated, from: " + ", ".join(ALL_VARIANTS),
+        help=f"comma-separated (default {','.join(PROFILE_VARIANTS)}; with --moe "
+        f"{','.join(MOE_PROFILE_VARIANTS)}), from: {', '.join(ALL_VARIANTS)}; "
+        f"with --moe: {', '.join(MOE_VARIANTS)}",
     )
     prof.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
     prof.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -283,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=_profile)
     bench = sub.add_parser("bench", help="side-by-side speed, memory and accuracy on the GPU")
     bench.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable")
+    bench.add_argument(
+        "--moe",
+        action="append",
+        choices=sorted(MOE_PRESETS),
+        help="a mixture-of-experts layer, balanced and skewed routing; repeatable (variants: "
+        + ", ".join(MOE_VARIANTS)
+        + ")",
+    )
     bench.add_argument("--tokens", type=_token_list, help="M, or several: 1,16,256 (default: the preset's)")
     bench.add_argument("--dtype", choices=sorted(_DTYPES))
     bench.add_argument("--variants", type=_names, help="comma-separated, from: " + ", ".join(ALL_VARIANTS))

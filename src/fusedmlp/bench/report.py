@@ -92,16 +92,16 @@ def plot(record: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..cases.variants import ALL_VARIANTS
-
     cases = record["cases"]
+    eager = record.get("baseline", "eager")  # the MoE records' baseline is Hugging Face's path, "hf"
     panels = (
-        ("graph_us", "floor", "forward GPU time / cuBLAS GEMM floor (CUDA graph)"),
-        ("wall_us", "eager", "forward wall time / eager's (back-to-back, host included)"),
+        ("graph_us", "floor", "forward GPU time / GEMM floor (CUDA graph)"),
+        ("wall_us", eager, f"forward wall time / {eager}'s (back-to-back, host included)"),
     )
+    every = list(dict.fromkeys(n for c in cases for n in c["variants"]))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 3.2 * len(cases)), 4.2))
     for ax, (key, base, title) in zip(axes, panels, strict=True):
-        names = [n for n in ALL_VARIANTS if n != base and any(_ratio(c, n, key, base) for c in cases)]
+        names = [n for n in every if n != base and any(_ratio(c, n, key, base) for c in cases)]
         width = 0.8 / max(len(names), 1)
         for i, n in enumerate(names):
             vals = [_ratio(c, n, key, base) or 0 for c in cases]

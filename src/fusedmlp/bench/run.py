@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cases import variants as V
+from ..cases.moe import MoEPreset
 from ..cases.presets import Preset
 from ..cases.timing import graph_us, wall_us
 from ..profiler.trace import strict_json, write_atomic
@@ -80,12 +81,12 @@ def run_case(
             results[name] = {"skipped": variant.note.removeprefix("skipped: ")}
             continue
         try:
-            results[name] = _measure(preset, fn, name, x, ref, dtype, peaks, weight_bytes, train, device)
+            results[name] = measure(preset, fn, name, x, ref, dtype, peaks, weight_bytes, train, device)
         except Exception as e:  # one failing variant must not sink the run: recorded, reported
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-    _ratios(results)
+    ratios(results)
     return {
         "preset": preset.name,
         "M": preset.tokens,
@@ -101,8 +102,8 @@ def run_case(
     }
 
 
-def _measure(
-    preset: Preset,
+def measure(
+    preset: Preset | MoEPreset,
     fn: nn.Module,
     name: str,
     x: Tensor,
@@ -141,19 +142,20 @@ def _measure(
     return r
 
 
-def _ratios(results: dict[str, Any]) -> None:
-    """GPU time over the floor's (CUDA graphs), and wall time over eager's and compile's."""
-    floor, eager, compiled = (results.get(n, {}) for n in ("floor", "eager", "compile"))
+def ratios(results: dict[str, Any], eager: str = "eager", compiled: str = "compile") -> None:
+    """GPU time over the floor's (CUDA graphs), and wall time over the ``eager`` and
+    ``compiled`` variants' (the "eager" and "compile" columns)."""
+    floor, eager_r, compiled_r = (results.get(n, {}) for n in ("floor", eager, compiled))
     for r in results.values():
         if r.get("graph_us") and floor.get("graph_us"):
             r["vs_floor"] = r["graph_us"] / floor["graph_us"]
-        for base, key in ((eager, "wall_vs_eager"), (compiled, "wall_vs_compile")):
+        for base, key in ((eager_r, "wall_vs_eager"), (compiled_r, "wall_vs_compile")):
             if r.get("wall_us") and base.get("wall_us"):
                 r[key] = r["wall_us"] / base["wall_us"]
-        if r.get("train_wall_us") and eager.get("train_wall_us"):
-            r["train_wall_vs_eager"] = r["train_wall_us"] / eager["train_wall_us"]
-        if r.get("train_wall_us") and compiled.get("train_wall_us"):
-            r["train_wall_vs_compile"] = r["train_wall_us"] / compiled["train_wall_us"]
+        if r.get("train_wall_us") and eager_r.get("train_wall_us"):
+            r["train_wall_vs_eager"] = r["train_wall_us"] / eager_r["train_wall_us"]
+        if r.get("train_wall_us") and compiled_r.get("train_wall_us"):
+            r["train_wall_vs_compile"] = r["train_wall_us"] / compiled_r["train_wall_us"]
 
 
 def tuned_configs() -> dict[str, str]:
@@ -183,9 +185,9 @@ def environment() -> dict[str, Any]:
     }
 
 
-def save(record: dict[str, Any], out_dir: Path) -> Path:
+def save(record: dict[str, Any], out_dir: Path, prefix: str = "bench") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = record["env"]["date"].replace(":", "").replace("-", "")[:13]
-    path = out_dir / f"bench-{stamp}.json"
+    path = out_dir / f"{prefix}-{stamp}.json"
     write_atomic({path: strict_json(record, indent=1)})  # a NaN error becomes null; no half-written file
     return path

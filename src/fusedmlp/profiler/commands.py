@@ -16,9 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from ..cases import moe
+from ..cases.moe import MOE_PROFILE_VARIANTS
 from ..cases.timing import measure_peaks
-from ..cases.variants import PROFILE_VARIANTS
+from ..cases.variants import PROFILE_VARIANTS, Variant
 from ..kernels import INTERPRETING
+from ..numerics import ContractCheck, check_contract
 from . import analyze, html, show
 from .analyze import VariantSummary
 from .run import (
@@ -67,6 +70,21 @@ def write_outputs(
     return summary
 
 
+def moe_numerics(case: moe.MoEPreset, variants: list[Variant], x: torch.Tensor) -> list[ContractCheck]:
+    """Each variant but the floor and hf against Hugging Face's output and a float64 reference."""
+    by_name = {v.name: v.module for v in variants if v.module is not None}
+    if "fusedmlp" not in by_name:
+        return []
+    want = moe.reference(case, x, "balanced")
+    with torch.no_grad():
+        base = (by_name.get("hf") or moe.build(case, ["hf"], x.device, x.dtype)[0][0].module)(x)
+        return [
+            check_contract(f"{name} output", m(x), base, want)
+            for name, m in by_name.items()
+            if name not in ("floor", "hf")
+        ]
+
+
 def profile_command(args: argparse.Namespace, console: Console) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -74,14 +92,26 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
     dtype = (
         _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    moe_preset = getattr(args, "moe", None)
+    default = MOE_PROFILE_VARIANTS if moe_preset else PROFILE_VARIANTS
+    names = [n.strip() for n in (args.variants or ",".join(default)).split(",") if n.strip()]
     out = Path(args.out)
     eager: nn.Module | None = None  # the weights every variant shares; None for --hf-config
     try:
+        inputs: Any
         if args.hf_config:
             preset = None
-            inputs: Any
             variants, inputs = hf_variants(args.hf_config, names, device, dtype, args.tokens or 512)
+        elif moe_preset:
+            preset = None
+            moe_case = moe.get_moe_preset(moe_preset)
+            moe_case = moe_case.with_tokens(args.tokens) if args.tokens else moe_case
+            c = moe_case
+            console.print(
+                f"[bold]{c.name}[/bold]: {c.description} (M={c.tokens}, {c.hidden} -> {c.experts} experts "
+                f"x {c.expert_width}, top-{c.top_k}, balanced routing); {dtype}, {device}"
+            )
+            variants, inputs = moe.build(moe_case, names, device, dtype, "balanced")
         else:
             preset = resolve_preset(
                 args.preset,
@@ -130,9 +160,12 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
             "GPU, or TRITON_INTERPRET=1 to run them slowly on the CPU), so its kernels differ from "
             "the guess, which describes the GPU."
         )
-    if preset is None or eager is None:
+    if moe_preset:
+        checks = moe_numerics(moe_case, variants, inputs)
+    elif preset is None or eager is None:
         return 0
-    checks = check_numerics(preset, eager, variants, inputs)
+    else:
+        checks = check_numerics(preset, eager, variants, inputs)
     for check in checks:
         console.print(f"numerics: {check}", highlight=False)
     return 0 if all(c.ok for c in checks) else 1
