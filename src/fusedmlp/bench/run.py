@@ -117,6 +117,9 @@ def measure(
     """One variant's record: forward (and with ``train``, forward+backward) wall, host and GPU
     times, throughput, error, peak memory."""
     on_gpu = torch.device(device).type == "cuda"
+    # drawn before any capture: a variant that cannot be captured (graph_us: None) leaves the
+    # CUDA generator refusing the next draw ("Offset increment outside graph capture")
+    dy = torch.randn_like(ref, dtype=dtype) if train else None
     with torch.no_grad():
         times = wall_us(lambda: fn(x), device)
         gpu = graph_us(lambda: fn(x)) if on_gpu else None
@@ -127,8 +130,7 @@ def measure(
     if peaks:
         r["pct_peak_flops"] = 100 * r["tflops"] / peaks["tflops"]
         r["pct_copy_bw_weights"] = 100 * weight_bytes / (gpu or times["wall"]) / 1e3 / peaks["gbps"]
-    if train and name != "floor":
-        dy = torch.randn_like(ref, dtype=dtype)
+    if dy is not None and name != "floor":
         step = _train_step(fn, x, dy)
         times = wall_us(step, device)
         r["train_wall_us"], r["train_host_us"] = times["wall"], times["host"]
