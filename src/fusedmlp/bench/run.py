@@ -117,9 +117,10 @@ def measure(
     """One variant's record: forward (and with ``train``, forward+backward) wall, host and GPU
     times, throughput, error, peak memory."""
     on_gpu = torch.device(device).type == "cuda"
-    # drawn before any capture: a variant that cannot be captured (graph_us: None) leaves the
-    # CUDA generator refusing the next draw ("Offset increment outside graph capture")
-    dy = torch.randn_like(ref, dtype=dtype) if train else None
+    # from the CPU generator: a variant that cannot be captured (graph_us: None) leaves the CUDA
+    # generator refusing every later draw ("Offset increment outside graph capture")
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(ref.shape, generator=g).to(ref.device, dtype) if train else None
     with torch.no_grad():
         times = wall_us(lambda: fn(x), device)
         gpu = graph_us(lambda: fn(x)) if on_gpu else None

@@ -150,7 +150,8 @@ class GroupedMMFloor(nn.Module):
         self.xs = x[order // index.shape[1]].detach()
         self.w_gu = fused.gate_up.detach().reshape(E, 2 * H, D)
         self.w_down = fused.down.detach()
-        self.h = torch.randn(self.xs.shape[0], H, device=x.device, dtype=x.dtype)
+        g = torch.Generator().manual_seed(3)  # the CPU's: see bench/run.py measure
+        self.h = torch.randn(self.xs.shape[0], H, generator=g).to(x.device, x.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         gate_up = torch._grouped_mm(self.xs, self.w_gu.transpose(1, 2), offs=self.offs)
