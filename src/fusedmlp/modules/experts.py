@@ -137,9 +137,11 @@ class FusedGatedExperts(nn.Module):
             raise ValueError(f"cannot fuse {type(experts_module).__name__}: {spec}")
         layout, E, D, H, act, gpt_oss, bias = spec
         w = getattr(experts_module, layout.gate_up)
-        fused = cls(E, D, H, kwargs.get("activation", act), bias, w.device, w.dtype, gpt_oss=gpt_oss,
+        # built on the meta device, then given storage: no initialisation (and no draw from the
+        # device's generator) for weights that are loaded next
+        fused = cls(E, D, H, kwargs.get("activation", act), bias, "meta", w.dtype, gpt_oss=gpt_oss,
                     layout=layout, input_names=_input_names(experts_module),
-                    recompute=kwargs.get("recompute", Recompute.ACTIVATION))
+                    recompute=kwargs.get("recompute", Recompute.ACTIVATION)).to_empty(device=w.device)
         fused.load_state_dict(experts_module.state_dict())
         return fused
 
