@@ -131,6 +131,14 @@ def _dcp_matrix(tmp, sharded: dict, ref) -> None:
         paths[name] = os.path.join(tmp, name.replace(" ", "_"))
         dcp.save(model.state_dict(), checkpoint_id=paths[name])
     dist.barrier()
+    # a fused model's checkpoint is the unfused one's: keys, sizes, dtypes and chunks
+    for name, path in paths.items():
+        twin = paths.get(f"un{name}")
+        if twin is not None:
+            fused_md, unfused_md = (
+                dcp.FileSystemReader(p).read_metadata().state_dict_metadata for p in (path, twin)
+            )
+            assert fused_md == unfused_md, f"DCP metadata of {name} differs from un{name}'s"
     targets = dict(sharded)
     targets["plain unfused"], targets["plain fused"] = _models(seed=11)
     for src, path in paths.items():
@@ -149,7 +157,6 @@ def _tp_worker(rank, world, tmp):
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    import fusedmlp
     from fusedmlp.parallel import FusedMLPParallel
 
     mesh = init_device_mesh("cpu", (world,))
@@ -170,17 +177,17 @@ def _tp_worker(rank, world, tmp):
 
     # state_dict: keys and placements of the unfused module under Colwise/Rowwise, no collective
     unfused = _models()[0]
-    plan = {f"{i}.mlp.{n}": ColwiseParallel() for i, names in ((0, ("gate_proj", "up_proj")), (1, ("fc1",)))
-            for n in names}
+    plan = {
+        f"{i}.mlp.{n}": ColwiseParallel()
+        for i, names in ((0, ("gate_proj", "up_proj")), (1, ("fc1",)))
+        for n in names
+    }
     plan.update({"0.mlp.down_proj": RowwiseParallel(), "1.mlp.fc2": RowwiseParallel()})
     parallelize_module(unfused, mesh, plan)
     with CommDebugMode() as comm:
         sd = fused.state_dict()
     assert comm.get_total_counts() == 0, comm.get_comm_counts()
     usd = unfused.state_dict()
-    report = fusedmlp.fuse(unfused, dry_run=True)  # already sharded by torch: refused, said why
-    assert not report.fused and len(report.skipped) == 2
-    assert all("sharded (DTensor): fuse the unsharded model" in s.reason for s in report.skipped), report
     assert list(sd) == list(usd)
     for k in sd:
         a, b = sd[k], usd[k]
@@ -221,6 +228,116 @@ def _tp_worker(rank, world, tmp):
 
     # DCP: {fused, unfused} x {TP, plain}, saved by one, loaded by every other
     _dcp_matrix(tmp, {"fused TP": fused, "unfused TP": _tp_copy(unfused, ref_eager)}, ref_eager)
+
+
+def _torch_plan(sequence_parallel: bool = False):
+    """torch's own plan for the unfused model: ColwiseParallel on the input projections,
+    RowwiseParallel on the output ones (with sequence-parallel layouts along dim 1)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    col = ColwiseParallel(input_layouts=Shard(1)) if sequence_parallel else ColwiseParallel()
+    row = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
+    plan = {n: col for n in ("0.mlp.gate_proj", "0.mlp.up_proj", "1.mlp.fc1")}
+    return plan | {"0.mlp.down_proj": row, "1.mlp.fc2": row}
+
+
+def _fuse_sharded_worker(rank, world, tmp):
+    """fuse on a model torch's tensor parallel already sharded: the fused blocks take the same
+    local shards (stacked), keep the state_dict, and train like unsharded eager; the sequence-
+    parallel layouts are recognised; a layout FusedMLPParallel does not run is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fusedmlp
+    from fusedmlp import FusedGatedMLP, FusedMLP
+
+    mesh = init_device_mesh("cpu", (world,))
+    eager, _ = _models()
+    model, _ = _models()
+    parallelize_module(model, mesh, _torch_plan())
+    before = {
+        k: (type(v), v.placements, v.to_local().clone())
+        for k, v in model.state_dict().items()
+        if isinstance(v, DTensor)
+    }
+    keys = list(model.state_dict())
+    report = fusedmlp.fuse(model)
+    assert len(report.fused) == 2 and not report.skipped, report
+    assert isinstance(model[0].mlp, FusedGatedMLP) and isinstance(model[1].mlp, FusedMLP)
+    local = model[0].mlp.in_weight.to_local()  # [gate_r; up_r]: the block's own shards, stacked
+    assert torch.equal(local[0], before["0.mlp.gate_proj.weight"][2])
+    assert torch.equal(local[1], before["0.mlp.up_proj.weight"][2])
+    sd = model.state_dict()
+    assert list(sd) == keys
+    for k, (_, placements, shard) in before.items():
+        assert sd[k].placements == placements and torch.equal(sd[k].to_local(), shard), k
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 5, D) for _ in range(STEPS)]
+    got, _ = _train(model, xs)
+    want, _ = _train(eager, xs)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        _close(a, b, f"fused-after-TP output, step {i}")
+    for k, v in model.state_dict().items():
+        _close(v, eager.state_dict()[k], f"fused-after-TP {k} after {STEPS} steps")
+
+    # sequence-parallel layouts (the norms run on the sequence shard: left out, as in _sp_worker)
+    eager, _ = _models()
+    model, _ = _models()
+    for block in (*eager, *model):
+        block.norm = nn.Identity()
+    parallelize_module(model, mesh, _torch_plan(sequence_parallel=True))
+    report = fusedmlp.fuse(model)
+    assert len(report.fused) == 2, report
+    assert all(b.mlp._tensor_parallel.sequence_parallel for b in model)
+    x = torch.randn(2, 4 * world, D)
+    shard = slice(4 * rank, 4 * (rank + 1))
+    with torch.no_grad():
+        _close(model(x[:, shard].contiguous()), eager(x)[:, shard], "fused-after-SP output")
+    eager, _ = _models()  # the norms back, for what follows
+
+    # Hugging Face's tensor parallel (transformers 5: DTensor weights, patched forwards):
+    # sharded by its "colwise"/"rowwise" styles, then fused; and a fused model sharded by a
+    # tp_plan entry naming FusedMLPParallel
+    try:
+        from transformers.integrations.tensor_parallel import apply_tensor_parallelism
+    except ImportError:
+        apply_tensor_parallelism = None
+    if apply_tensor_parallelism is not None:
+        from fusedmlp.parallel import register_hf_tp_style
+
+        hf_plan = {}
+        for name, style in (
+            ("0.mlp.gate_proj", "colwise"),
+            ("0.mlp.up_proj", "colwise"),
+            ("0.mlp.down_proj", "rowwise"),
+            ("1.mlp.fc1", "colwise"),
+            ("1.mlp.fc2", "rowwise"),
+        ):
+            hf_plan |= {f"{name}.weight": style, f"{name}.bias": style, name: style}
+        eager, _ = _models()
+        hf_sharded, fused = _models()
+        apply_tensor_parallelism(hf_sharded, mesh, hf_plan)
+        report = fusedmlp.fuse(hf_sharded)
+        assert len(report.fused) == 2, report
+        apply_tensor_parallelism(fused, mesh, {"0.mlp": register_hf_tp_style(), "1.mlp": "fusedmlp"})
+        assert isinstance(fused[0].mlp.in_weight, DTensor)
+        want, _ = _train(eager, xs)
+        for model in (hf_sharded, fused):
+            got, _ = _train(model, xs)
+            for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                _close(a, b, f"Hugging Face TP, step {i}")
+
+    # a layout FusedMLPParallel does not run: the output projection sharded by rows
+    model, _ = _models()
+    plan = _torch_plan()
+    plan["0.mlp.down_proj"] = ColwiseParallel()
+    del plan["1.mlp.fc1"], plan["1.mlp.fc2"]
+    parallelize_module(model, mesh, plan)
+    report = fusedmlp.fuse(model, dry_run=True)
+    reasons = [s.reason for s in report.skipped]
+    assert len(reasons) == 1 and "down_proj.weight is sharded as (Shard(dim=0),)" in reasons[0], reasons
 
 
 def _sp_worker(rank, world, tmp):
@@ -333,6 +450,8 @@ def _fsdp_worker(rank, world, tmp):
     path_e = os.path.join(tmp, "ckpt_eager")
     dcp.save(eager.state_dict(), checkpoint_id=path_e)
     dist.barrier()
+    fused_md, eager_md = (dcp.FileSystemReader(p).read_metadata().state_dict_metadata for p in (path, path_e))
+    assert fused_md == eager_md, "DCP metadata of the fused FSDP2 model differs from the unfused one's"
     plain_eager, plain_fused = _models(seed=7)
     for model, ckpt in ((plain_eager, path), (plain_fused, path_e), (plain_fused, path)):
         target = model.state_dict()
@@ -355,9 +474,13 @@ def _two_d_worker(rank, world, tmp):
     place = fsdp_shard_placement(fused)
     for block in fused:
         fully_shard(block, mesh=mesh["dp"], shard_placement_fn=place)
-    plan = {"0.mlp.gate_proj": ColwiseParallel(), "0.mlp.up_proj": ColwiseParallel(),
-            "0.mlp.down_proj": RowwiseParallel(), "1.mlp.fc1": ColwiseParallel(),
-            "1.mlp.fc2": RowwiseParallel()}
+    plan = {
+        "0.mlp.gate_proj": ColwiseParallel(),
+        "0.mlp.up_proj": ColwiseParallel(),
+        "0.mlp.down_proj": RowwiseParallel(),
+        "1.mlp.fc1": ColwiseParallel(),
+        "1.mlp.fc2": RowwiseParallel(),
+    }
     parallelize_module(eager, mesh["tp"], plan)
     for block in eager:
         block.inplace = False
@@ -380,6 +503,19 @@ def _two_d_worker(rank, world, tmp):
 @pytest.mark.parametrize("worker", [_tp_worker, _sp_worker, _fsdp_worker])
 def test_two_ranks(worker):
     _run(worker, 2)
+
+
+def test_fuse_on_a_tensor_parallel_model():
+    _run(_fuse_sharded_worker, 2)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_through_the_kernels(monkeypatch):
+    """The tensor-parallel run with the Triton kernels (under the interpreter on a CPU; CI sets
+    TRITON_INTERPRET=1 for every test, so there all of these take the kernel path)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned workers as they import
+    _run(_tp_worker, 2)
 
 
 def test_fsdp2_by_tensor_parallel_2x2():

@@ -20,6 +20,10 @@ cross-load with the unfused model's.
 
 Dropout of h under tensor parallel draws each rank's mask from that rank's generator (torch's
 own state on each rank), not the unsharded model's mask.
+
+A model sharded before it was fused (torch's ColwiseParallel/RowwiseParallel, Hugging Face's
+"colwise"/"rowwise"): ``fusedmlp.fuse`` takes it as it is (fuse/sharded.py). Hugging Face plans
+that shard fused modules name the style :func:`register_hf_tp_style` registers.
 """
 
 from __future__ import annotations
@@ -91,12 +95,44 @@ class FusedMLPParallel(ParallelStyle):
                 continue
             if isinstance(param, DTensor):
                 raise ValueError(f"{name} is already sharded ({param.placements}); apply the plan once")
-            sharded = distribute_tensor(param.detach(), device_mesh, [placement])
+            sharded = distribute_tensor(
+                param.detach(), device_mesh, [placement], src_data_rank=self.src_data_rank
+            )
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         module._tensor_parallel = _TensorParallel(
             device_mesh, self.sequence_parallel, self.sequence_dim, self.use_local_output
         )
         return module
+
+
+def register_hf_tp_style(
+    name: str = "fusedmlp", *, sequence_parallel: bool = False, sequence_dim: int = 1
+) -> str:
+    """Make :class:`FusedMLPParallel` a Hugging Face tensor-parallel style named ``name``, for
+    ``tp_plan`` entries on fused MLP modules (transformers 5's ``ALL_PARALLEL_STYLES``), e.g.
+    ``apply_tensor_parallelism(model, mesh, {"model.layers.0.mlp": "fusedmlp"})`` after
+    ``fusedmlp.fuse(model)``. As Hugging Face's own styles, every rank keeps its own chunk of the
+    weights it loaded (no broadcast). (A model Hugging Face already sharded with its "colwise" /
+    "rowwise" plan needs no style: ``fusedmlp.fuse`` takes it as it is.) Returns ``name``."""
+    try:
+        from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
+    except ImportError as e:
+        raise ImportError(
+            f"register_hf_tp_style needs transformers 5 with DTensor tensor parallel ({e}); "
+            "with torch's parallelize_module use FusedMLPParallel directly"
+        ) from None
+    style = FusedMLPParallel(sequence_parallel=sequence_parallel, sequence_dim=sequence_dim)
+    style.src_data_rank = None
+
+    class FusedMLPStyle(TensorParallelLayer):  # type: ignore[misc, valid-type]
+        """Shards a fused MLP module when its tp_plan entry is installed; parameter entries
+        are no-ops (the module entry shards them all)."""
+
+        def install_forward(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            return style._apply(module, mesh)
+
+    ALL_PARALLEL_STYLES.register(name, FusedMLPStyle())
+    return name
 
 
 class _SumPartials(torch.autograd.Function):
@@ -196,7 +232,9 @@ class ExpertsParallel(ParallelStyle):
             param = module._parameters.get(name)
             if param is None:
                 continue
-            sharded = distribute_tensor(param.detach(), device_mesh, [Shard(0)])
+            sharded = distribute_tensor(
+                param.detach(), device_mesh, [Shard(0)], src_data_rank=self.src_data_rank
+            )
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         module._expert_parallel = device_mesh
         return module

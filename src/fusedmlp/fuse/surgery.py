@@ -87,6 +87,9 @@ def _try_experts(
     _, E, D, H, act, gpt_oss, _ = spec
     kind, act_name = f"experts x{E}", "gpt_oss_swiglu" if gpt_oss else act.value
     shapes = ((D, 2 * H), (H, D))
+    if any(type(p).__name__ == "DTensor" for p in block.parameters()):
+        reason = "its weights are sharded (DTensor): fuse the unsharded model, then apply ExpertsParallel"
+        return SkippedBlock(path, reason, kind, act_name, shapes), None
     if reason := sharing.problem(block) or verify._not_swappable(block):
         return SkippedBlock(path, reason, kind, act_name, shapes), None
     proof = experts.prove_experts(block)

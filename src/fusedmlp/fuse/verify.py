@@ -188,11 +188,6 @@ def _check_with_grads(
 
 def _not_swappable(block: nn.Module) -> str:
     """Why a block must stay whatever its forward computes; empty when nothing stands in the way."""
-    if any(type(p).__name__ == "DTensor" for p in block.parameters()):
-        return (
-            "its weights are sharded (DTensor): fuse the unsharded model, then shard it with "
-            "fusedmlp.parallel.FusedMLPParallel / fully_shard"
-        )
     for name, m in block.named_modules():
         where = f" (on {name})" if name else ""
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
@@ -306,6 +301,10 @@ def prove(block: nn.Module, candidate: Candidate) -> Proof:
     device, dtype = param.device, param.dtype
     if device.type == "meta":
         return Proof(None, "weights are on the meta device; load them before fusing")
+    if type(param).__name__ == "DTensor":  # sharded by torch's tensor parallel: fuse/sharded.py
+        from .sharded import prove_sharded
+
+        return prove_sharded(block, candidate, prove)
     if reason := _not_swappable(block):
         return Proof(None, reason)
     covered = {
