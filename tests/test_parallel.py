@@ -509,6 +509,68 @@ def test_fuse_on_a_tensor_parallel_model():
     _run(_fuse_sharded_worker, 2)
 
 
+def _sharded_kinds(world):
+    """Every layout of the checkpoint matrix, fused and unfused, holding _models()'s weights:
+    plain, tensor parallel (1-D, all ranks), FSDP2 (1-D, all ranks), FSDP2 x TP (2 x world/2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from fusedmlp.parallel import FusedMLPParallel, fsdp_shard_placement
+
+    flat = init_device_mesh("cpu", (world,))
+    two_d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    kinds = {}
+    for layout in ("plain", "TP", "FSDP2", "2-D"):
+        eager, fused = _models()
+        tp_mesh = flat if layout == "TP" else two_d["tp"]
+        if layout in ("TP", "2-D"):
+            parallelize_module(fused, tp_mesh, {f"{i}.mlp": FusedMLPParallel() for i in (0, 1)})
+            parallelize_module(eager, tp_mesh, _torch_plan())
+        if layout in ("FSDP2", "2-D"):
+            dp_mesh = flat if layout == "FSDP2" else two_d["dp"]
+            place = fsdp_shard_placement(fused)
+            for f, e in zip(fused, eager, strict=True):
+                fully_shard(f, mesh=dp_mesh, shard_placement_fn=place)
+                fully_shard(e, mesh=dp_mesh)
+        kinds[f"fused {layout}"], kinds[f"unfused {layout}"] = fused, eager
+    return kinds
+
+
+def _checkpoint_matrix_worker(rank, world, tmp):
+    """{plain, TP, FSDP2, 2-D} x {fused, unfused}: each saves a DCP checkpoint, and every one
+    of the eight loads every checkpoint in place and then holds the saved weights; the fused
+    checkpoints' metadata equal the unfused ones' of the same layout."""
+    import torch.distributed.checkpoint as dcp
+
+    kinds = _sharded_kinds(world)
+    ref = _models()[0].state_dict()
+    paths = {}
+    for name, model in kinds.items():
+        paths[name] = os.path.join(tmp, "matrix", name.replace(" ", "_"))
+        dcp.save(model.state_dict(), checkpoint_id=paths[name])
+    dist.barrier()
+    for name in kinds:
+        if name.startswith("fused"):
+            mds = [
+                dcp.FileSystemReader(paths[n]).read_metadata().state_dict_metadata
+                for n in (name, f"un{name}")
+            ]
+            assert mds[0] == mds[1], f"DCP metadata: {name} vs un{name}"
+    for src, path in paths.items():
+        for name, model in kinds.items():
+            with torch.no_grad():
+                for p in model.parameters():  # garbage first: the load must overwrite every value
+                    p.fill_(0.25)
+            dcp.load(model.state_dict(), checkpoint_id=path)
+            for k, v in model.state_dict().items():
+                _close(v, ref[k], f"DCP {src} -> {name}: {k}")
+
+
+def test_checkpoint_matrix_four_ranks():
+    _run(_checkpoint_matrix_worker, 4)
+
+
 @pytest.mark.slow
 def test_tensor_parallel_through_the_kernels(monkeypatch):
     """The tensor-parallel run with the Triton kernels (under the interpreter on a CPU; CI sets
