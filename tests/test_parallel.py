@@ -247,8 +247,13 @@ def _fuse_sharded_worker(rank, world, tmp):
     local shards (stacked), keep the state_dict, and train like unsharded eager; the sequence-
     parallel layouts are recognised; a layout FusedMLPParallel does not run is refused."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     import fusedmlp
     from fusedmlp import FusedGatedMLP, FusedMLP
@@ -295,6 +300,25 @@ def _fuse_sharded_worker(rank, world, tmp):
     shard = slice(4 * rank, 4 * (rank + 1))
     with torch.no_grad():
         _close(model(x[:, shard].contiguous()), eager(x)[:, shard], "fused-after-SP output")
+    # torchtitan's sequence-parallel plan: PrepareModuleInput on the MLP, plain Colwise children
+    titan, _ = _models()
+    for block in titan:
+        block.norm = nn.Identity()
+    plan = _torch_plan()
+    plan |= {
+        f"{i}.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        for i in (0, 1)
+    }
+    plan |= {
+        "0.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "1.mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    parallelize_module(titan, mesh, plan)
+    report = fusedmlp.fuse(titan)
+    assert len(report.fused) == 2, report
+    assert all(b.mlp._tensor_parallel.sequence_parallel for b in titan)
+    with torch.no_grad():
+        _close(titan(x[:, shard].contiguous()), eager(x)[:, shard], "fused-after-torchtitan-SP output")
     eager, _ = _models()  # the norms back, for what follows
 
     # Hugging Face's tensor parallel (transformers 5: DTensor weights, patched forwards):

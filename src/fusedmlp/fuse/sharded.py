@@ -1,6 +1,7 @@
 """``fuse`` on a block that tensor parallel already sharded, by torch (``parallelize_module`` with
 ColwiseParallel on the input projections and RowwiseParallel on the output projection, plain or
-with sequence-parallel layouts) or by Hugging Face (``tp_plan`` "colwise"/"rowwise", DTensor
+with sequence-parallel layouts, a PrepareModuleInput on the block as torchtitan's plans have it)
+or by Hugging Face (``tp_plan`` "colwise"/"rowwise", DTensor
 weights, forwards patched on the instances): the fused module takes the same local shards,
 stacked, under :class:`~fusedmlp.parallel.FusedMLPParallel`.
 
@@ -68,8 +69,6 @@ def layout_problem(block: nn.Module, candidate: Candidate) -> str:
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
         if m._backward_hooks or m._backward_pre_hooks or not all(_tp_hook(h) for h in hooks):
             return f"has hooks{f' (on {name})' if name else ''} other than torch's tensor-parallel ones"
-        if name == "" and hooks:
-            return "the block itself carries tensor-parallel hooks (a style applied to the whole block)"
         if "forward" in vars(m) and (name == "" or not _hf_tp_forward(vars(m)["forward"])):
             return f"its forward is patched on the instance{f' (on {name})' if name else ''}"
     return ""
