@@ -93,6 +93,16 @@ def test_profile_moe_end_to_end(tmp_path, capsys, monkeypatch):
         (["profile", "--moe", "moe-tiny", "--variants", "hf,eager"], "unknown MoE variant(s) eager"),
         (["profile", "--moe", "moe-tiny", "--preset", "cpu-small"], "not allowed with argument"),
         (["profile", "--moe", "qwen3"], "invalid choice"),
+        (
+            ["profile", "--moe", "moe-tiny", "--hidden", "64", "--bias"],
+            "--hidden, --bias do not apply to --moe",
+        ),
+        (
+            ["profile", "--hf-config", "llama", "--activation", "gelu"],
+            "--activation does not apply to --hf-config",
+        ),
+        (["bench", "--moe", "moe-tiny", "--preset", "gpt2"], "--moe cannot be combined with --preset"),
+        (["bench", "--moe", "moe-tiny", "--seq", "128"], "--seq does not apply without --hf-config"),
     ],
 )
 def test_bad_moe_flags_are_one_line(tmp_path, capsys, argv, message):

@@ -118,9 +118,21 @@ def _prepare_out(text: str) -> Path:
     return out
 
 
+def _unused_flags(args: argparse.Namespace, names: tuple[str, ...], why: str) -> None:
+    """A flag that would be ignored is an error, not a silent no-op."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}")
+
+
 def _profile(args: argparse.Namespace, console: Console) -> int:
     from .profiler.commands import profile_command  # imports matplotlib: only when profiling
 
+    shape = ("hidden", "intermediate", "activation", "gated", "bias")
+    if args.hf_config:
+        _unused_flags(args, shape, "to --hf-config (the model's config sets its sizes)")
+    if args.moe:
+        _unused_flags(args, shape, "to --moe (the MoE preset sets its sizes; --tokens does apply)")
     _prepare_out(args.out)
     return profile_command(args, console)
 
@@ -138,10 +150,12 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     from .cases.presets import PRESET_TOKENS, get_preset
     from .cases.timing import measure_peaks
 
-    if not torch.cuda.is_available():
-        raise CLIError("fusedmlp bench needs a CUDA GPU (use `fusedmlp profile` on a CPU)")
     if args.moe and (args.preset or args.hf_config):
         raise CLIError("--moe cannot be combined with --preset or --hf-config: run them separately")
+    if not args.hf_config:
+        _unused_flags(args, ("batch", "seq"), "without --hf-config (they size end-to-end model runs)")
+    if not torch.cuda.is_available():
+        raise CLIError("fusedmlp bench needs a CUDA GPU (use `fusedmlp profile` on a CPU)")
     _prepare_out(args.out)
     if args.hf_config:
         return _bench_e2e(args, console)
