@@ -364,6 +364,52 @@ def _fuse_sharded_worker(rank, world, tmp):
     assert len(reasons) == 1 and "down_proj.weight is sharded as (Shard(dim=0),)" in reasons[0], reasons
 
 
+def _tp_dropout_worker(rank, world, tmp):
+    """Dropout of h under tensor parallel drops what the unsharded module drops with the same
+    seed (each rank its columns of the whole mask): outputs and every gradient, gated and plain,
+    with and without a gradient, and through the recompute path that works in column blocks."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from fusedmlp import FusedGatedMLP, FusedMLP, options
+    from fusedmlp.parallel import FusedMLPParallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    cases = [
+        (FusedGatedMLP(D, H, "silu", bias=True, hidden_dropout=0.3), {}),
+        (FusedMLP(D, H, "gelu_tanh", hidden_dropout=0.5), {}),
+        (FusedGatedMLP(D, H, "gelu", recompute="gemm", hidden_dropout=0.3), {"recompute_block_width": 8}),
+    ]
+    for ref, opts in cases:
+        sharded = parallelize_module(copy.deepcopy(ref), mesh, FusedMLPParallel())
+        x = torch.randn(3, 5, D)
+        dy = torch.randn(3, 5, D)
+        with options.override(**opts):
+            outs = []
+            for m in (ref, sharded):
+                xg = x.clone().requires_grad_()
+                torch.manual_seed(7)
+                y = m(xg)
+                y.backward(dy)
+                with torch.no_grad():
+                    torch.manual_seed(8)
+                    y_nograd = m(x)
+                grads = {n: _full(p.grad) for n, p in m.named_parameters()}
+                outs.append((y.detach(), y_nograd, xg.grad, grads))
+        (y0, n0, dx0, g0), (y1, n1, dx1, g1) = outs
+        _close(y1, y0, f"{type(ref).__name__} TP dropout output")
+        _close(n1, n0, f"{type(ref).__name__} TP dropout output without grad")
+        _close(dx1, dx0, f"{type(ref).__name__} TP dropout dx")
+        for k in g0:
+            _close(g1[k], g0[k], f"{type(ref).__name__} TP dropout d{k}")
+        torch.manual_seed(9)
+        other = ref(x)
+        assert not torch.allclose(other, n0), "a different seed must drop differently"
+
+
 def _sp_worker(rank, world, tmp):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -527,6 +573,10 @@ def _two_d_worker(rank, world, tmp):
 @pytest.mark.parametrize("worker", [_tp_worker, _sp_worker, _fsdp_worker])
 def test_two_ranks(worker):
     _run(worker, 2)
+
+
+def test_tensor_parallel_dropout_is_the_unsharded_mask():
+    _run(_tp_dropout_worker, 2)
 
 
 def test_fuse_on_a_tensor_parallel_model():

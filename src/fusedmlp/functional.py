@@ -231,11 +231,15 @@ def run_mlp(
     gated: bool,
     recompute: Recompute,
     dropout: float = 0.0,
+    dropout_span: tuple[int, int] | None = None,
 ) -> Tensor:
     """The MLP on validated arguments (:func:`check_mlp`): autocast's dtype applied by hand (the
     ops are opaque to it), then the op for traced code, its autograd.Function twin where a
     gradient is wanted, or the forward alone (no autograd node) where none is. ``dropout``: the
-    probability of dropping each element of h before the output projection (0: none)."""
+    probability of dropping each element of h before the output projection (0: none);
+    ``dropout_span`` (first column, full width): h is a column shard of a wider h (tensor
+    parallel) and takes that h's mask on its columns, so the ranks together drop what one
+    unsharded module would with the same seed."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
@@ -249,16 +253,18 @@ def run_mlp(
         needs_grad = torch.is_grad_enabled()
         lead = x.shape[:-1]
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if dropout else None
+        col0, width = dropout_span or (0, 0)
         y = ops.mlp(_unit_cols(x.reshape(-1, x.shape[-1])), w_in, b_in, w_out, b_out, act.value, gated,
-                    recompute.value, not needs_grad, dropout, seed)[0]
+                    recompute.value, not needs_grad, dropout, seed, col0, width)[0]
         return y.view(*lead, w_out.shape[0])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or w_in.requires_grad or w_out.requires_grad
         or (b_in is not None and b_in.requires_grad) or (b_out is not None and b_out.requires_grad)
     )
     if needs_grad:
-        return ops.MLPFunction.apply(x, w_in, b_in, w_out, b_out, act, gated, recompute, dropout)
-    return ops.fused_mlp.mlp_inference(x, w_in, b_in, w_out, b_out, act, gated, dropout)
+        args = (x, w_in, b_in, w_out, b_out, act, gated, recompute, dropout, dropout_span)
+        return ops.MLPFunction.apply(*args)
+    return ops.fused_mlp.mlp_inference(x, w_in, b_in, w_out, b_out, act, gated, dropout, dropout_span)
 
 
 def _degenerate_mlp(

@@ -18,8 +18,9 @@ gate/up, RowwiseParallel on down; FSDP2's Shard(0) of each [H, D] projection whe
 :func:`fsdp_shard_placement` shards the [2, H, D] parameter on dim 1), and DCP checkpoints
 cross-load with the unfused model's.
 
-Dropout of h under tensor parallel draws each rank's mask from that rank's generator (torch's
-own state on each rank), not the unsharded model's mask.
+Dropout of h under tensor parallel: each rank draws the seed from its own generator and takes
+its columns of the whole h's mask, so ranks seeded alike (as tensor-parallel ranks are) drop
+exactly what the unsharded module drops with that seed.
 
 A model sharded before it was fused (torch's ColwiseParallel/RowwiseParallel, Hugging Face's
 "colwise"/"rowwise"): ``fusedmlp.fuse`` takes it as it is (fuse/sharded.py). Hugging Face plans
@@ -176,6 +177,13 @@ class _ToAllRanks(torch.autograd.Function):
         return funcol.wait_tensor(dx_part), None, None
 
 
+def _shard_offset(size: int, mesh: DeviceMesh) -> int:
+    """The first index of this rank's Shard of a dimension of ``size`` (torch.chunk's split, as
+    DTensor's Shard places it)."""
+    chunk = -(-size // mesh.size())
+    return min(mesh.get_local_rank() * chunk, size)
+
+
 def tensor_parallel_forward(module: _FusedMLPBase, x: Tensor) -> Tensor:
     """The forward of a fused MLP whose parameters :class:`FusedMLPParallel` sharded: the fused
     op on the local shards, between the two collectives of the column-then-row split."""
@@ -199,7 +207,9 @@ def tensor_parallel_forward(module: _FusedMLPBase, x: Tensor) -> Tensor:
     functional.check_mlp(x_all, w_in, b_in, w_out, None, module.GATED, names)
     p_drop = module.hidden_dropout if module.training else 0.0
     act, gated, level = module.activation, module.GATED, module.recompute
-    y = functional.run_mlp(x_all, w_in, b_in, w_out, None, act, gated, level, p_drop)
+    # dropout of h: this rank's columns of the unsharded h's mask (the ranks seeded alike)
+    span = (_shard_offset(module.intermediate_size, mesh), module.intermediate_size) if p_drop else None
+    y = functional.run_mlp(x_all, w_in, b_in, w_out, None, act, gated, level, p_drop, span)
     y = _SumPartials.apply(y, mesh, seq_dim)
     b_out = p.get("out_bias")
     if b_out is not None:  # once, after the sum; a sequence shard's rows give a partial gradient

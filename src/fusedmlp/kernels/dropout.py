@@ -38,10 +38,10 @@ class Dropout:
     col0: int = 0
 
     @staticmethod
-    def draw(p: float, width: int, device: torch.device) -> Dropout:
+    def draw(p: float, width: int, device: torch.device, col0: int = 0) -> Dropout:
         """A fresh mask: a seed drawn from torch's generator for ``device`` (no host sync)."""
         seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
-        return Dropout(seed, p, width)
+        return Dropout(seed, p, width, col0)
 
     @property
     def scale(self) -> float:
@@ -57,7 +57,8 @@ class Dropout:
         return (anchor, 0.0, 1.0, width, 0)
 
     def block(self, col0: int) -> Dropout:
-        return dataclasses.replace(self, col0=col0)
+        """The columns from ``col0`` on (relative to this one's first)."""
+        return dataclasses.replace(self, col0=self.col0 + col0)
 
     def mask(self, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
         """The torch reference's mask for columns col0..col0+cols: keep / (1 - p) or 0, a hash of

@@ -253,18 +253,24 @@ def _output(x: Tensor, w_out: Tensor) -> tuple[Tensor, Tensor]:
     return y, y.view(-1, w_out.shape[0])
 
 
-def _dropout(p: float, w_out: Tensor, x: Tensor) -> Dropout | None:
-    return Dropout.draw(p, w_out.shape[1], x.device) if p > 0.0 else None
+def _dropout(p: float, w_out: Tensor, x: Tensor, span: tuple[int, int] | None = None) -> Dropout | None:
+    """A fresh dropout of h, or None for p = 0. ``span`` (first column, full width): h is a
+    column shard of a wider h (tensor parallel), whose mask this takes its columns of."""
+    if p <= 0.0:
+        return None
+    col0, width = span if span is not None else (0, w_out.shape[1])
+    return Dropout.draw(p, width, x.device, col0)
 
 
 def mlp_inference(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, act: Activation,
-    gated: bool, dropout_p: float = 0.0,
+    gated: bool, dropout_p: float = 0.0, dropout_span: tuple[int, int] | None = None,
 ) -> Tensor:
     """The forward where no gradient is wanted: no autograd node, nothing saved. ``dropout_p``:
-    h dropped before the output projection (a module in training mode under torch.no_grad)."""
+    h dropped before the output projection (a module in training mode under torch.no_grad);
+    ``dropout_span``: as for :func:`_dropout`."""
     y, y2 = _output(x, w_out)
-    drop = _dropout(dropout_p, w_out, x)
+    drop = _dropout(dropout_p, w_out, x, dropout_span)
     level = Recompute.ACTIVATION
     mlp_forward(rows(x), w_in, b_in, w_out, b_out, act, gated, level, True, out=y2, dropout=drop)
     return y
@@ -303,10 +309,11 @@ class MLPFunction(torch.autograd.Function):
         gated: bool,
         recompute: Recompute,
         dropout_p: float = 0.0,
+        dropout_span: tuple[int, int] | None = None,
     ) -> Tensor:
         y, y2 = _output(x, w_out)
         x2 = rows(x)
-        drop = ctx.dropout = _dropout(dropout_p, w_out, x)
+        drop = ctx.dropout = _dropout(dropout_p, w_out, x, dropout_span)
         _, pre, h = mlp_forward(
             x2, w_in, b_in, w_out, b_out, act, gated, recompute, False, out=y2, dropout=drop
         )
@@ -323,7 +330,7 @@ class MLPFunction(torch.autograd.Function):
         if higher_order.wants_graph():
             _, w_in, b_in, w_out, _, x = ctx.saved_tensors
             grads = _mlp_grads_graph(dy, x, w_in, b_in, w_out, *ctx.meta, ctx.dropout)
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         if getattr(ctx, "consumed", False):
             raise RuntimeError(
                 "fusedmlp's MLP backward reuses its saved activations in place, so it runs once per "
@@ -338,7 +345,7 @@ class MLPFunction(torch.autograd.Function):
         dx, *grads = mlp_backward_impl(
             dy, x, w_in, b_in, w_out, pre, None, *ctx.meta, in_place=True, dw_out=dw_out, dropout=ctx.dropout
         )
-        return (dx.view(ctx.x_shape), *grads, None, None, None, None)
+        return (dx.view(ctx.x_shape), *grads, None, None, None, None, None)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -349,17 +356,22 @@ def _or_none(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 else t
 
 
-def _seeded(seed: Tensor | None, p: float, w_out: Tensor) -> Dropout | None:
-    return Dropout(seed, p, w_out.shape[1]) if seed is not None and p > 0.0 else None
+def _seeded(seed: Tensor | None, p: float, w_out: Tensor, col0: int = 0, width: int = 0) -> Dropout | None:
+    """The ops' dropout: ``seed`` drawn by the caller; ``col0``/``width`` (0: h's own) as the
+    span of :func:`_dropout`."""
+    if seed is None or p <= 0.0:
+        return None
+    return Dropout(seed, p, width or w_out.shape[1], col0)
 
 
 def _mlp(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None, activation: str,
-    gated: bool, recompute: str, inference: bool, dropout_p: float, seed: Tensor | None, traced: bool,
+    gated: bool, recompute: str, inference: bool, dropout_p: float, seed: Tensor | None, drop_col0: int,
+    drop_width: int, traced: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, pre, h = mlp_forward(
         x, w_in, b_in, w_out, b_out, Activation(activation), gated, Recompute(recompute), inference,
-        traced=traced, dropout=_seeded(seed, dropout_p, w_out),
+        traced=traced, dropout=_seeded(seed, dropout_p, w_out, drop_col0, drop_width),
     )
     return y, _or_empty(pre, x), _or_empty(h, x)
 
@@ -377,24 +389,29 @@ def mlp(
     inference: bool,
     dropout_p: float = 0.0,
     seed: Tensor | None = None,
+    drop_col0: int = 0,
+    drop_width: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, pre, h) for 2-D x [M, D]; ``pre`` and ``h`` are empty unless training at the
     ``recompute`` level saves them. ``dropout_p`` and ``seed`` (a one-element int64 tensor):
-    h dropped before the output projection (kernels/dropout.py). A triton_op: under
-    torch.compile the kernels are launched from Inductor's generated code (ops/pointwise.py
-    says how the op dispatches)."""
+    h dropped before the output projection (kernels/dropout.py); ``drop_col0``/``drop_width``
+    (0: h's own width): h's columns within a wider h whose mask it takes (tensor parallel). A
+    triton_op: under torch.compile the kernels are launched from Inductor's generated code
+    (ops/pointwise.py says how the op dispatches)."""
     args = (x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p, seed)
-    return _mlp(*args, traced=True)
+    return _mlp(*args, drop_col0, drop_width, traced=True)
 
 
 @mlp.register_kernel("cpu")
-def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
+def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p=0.0, seed=None,  # type: ignore[no-untyped-def]
+      drop_col0=0, drop_width=0):
     args = (x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p, seed)
-    return _mlp(*args, traced=False)
+    return _mlp(*args, drop_col0, drop_width, traced=False)
 
 
 @mlp.register_fake
-def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
+def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, dropout_p=0.0, seed=None,  # type: ignore[no-untyped-def]
+      drop_col0=0, drop_width=0):
     level = Recompute(recompute)
     store_pre = not inference and level.saves_preactivation
     keep_h = not inference and level is Recompute.NONE
@@ -405,11 +422,12 @@ def _(x, w_in, b_in, w_out, b_out, activation, gated, recompute, inference, drop
 
 def _mlp_backward(
     dy: Tensor, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, pre: Tensor, h: Tensor,
-    activation: str, gated: bool, has_b_out: bool, dropout_p: float, seed: Tensor | None, traced: bool,
+    activation: str, gated: bool, has_b_out: bool, dropout_p: float, seed: Tensor | None, drop_col0: int,
+    drop_width: int, traced: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dw_in, db_in, dw_out, db_out = mlp_backward_impl(
         dy.contiguous(), x, w_in, b_in, w_out, _or_none(pre), _or_none(h), Activation(activation), gated,
-        has_b_out, traced=traced, dropout=_seeded(seed, dropout_p, w_out),
+        has_b_out, traced=traced, dropout=_seeded(seed, dropout_p, w_out, drop_col0, drop_width),
     )
     return dx, dw_in, _or_empty(db_in, x), dw_out, _or_empty(db_out, x)
 
@@ -428,21 +446,25 @@ def mlp_backward(
     has_b_out: bool,
     dropout_p: float = 0.0,
     seed: Tensor | None = None,
+    drop_col0: int = 0,
+    drop_width: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_in, db_in, dw_out, db_out) of :func:`mlp`; empty ``pre``/``h`` mean recompute
-    them; absent biases get empty gradients; ``dropout_p``/``seed`` as the forward's."""
+    them; absent biases get empty gradients; the dropout arguments as the forward's."""
     args = (dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
-    return _mlp_backward(*args, traced=True)
+    return _mlp_backward(*args, drop_col0, drop_width, traced=True)
 
 
 @mlp_backward.register_kernel("cpu")
-def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=0.0, seed=None,  # type: ignore[no-untyped-def]
+      drop_col0=0, drop_width=0):
     args = (dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
-    return _mlp_backward(*args, traced=False)
+    return _mlp_backward(*args, drop_col0, drop_width, traced=False)
 
 
 @mlp_backward.register_fake
-def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=0.0, seed=None):  # type: ignore[no-untyped-def]
+def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=0.0, seed=None,  # type: ignore[no-untyped-def]
+      drop_col0=0, drop_width=0):
     return (
         x.new_empty(x.shape),
         w_in.new_empty(w_in.shape),
@@ -453,24 +475,28 @@ def _(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p=
 
 
 def _mlp_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, w_in, b_in, w_out, b_out, activation, gated, _recompute, inference, dropout_p, seed = inputs
-    ctx.meta = (activation, gated, b_out is not None, inference, dropout_p)
+    x, w_in, b_in, w_out, b_out, activation, gated, _recompute, inference, dropout_p, seed, *span = inputs
+    col0, width = span
+    ctx.meta = (activation, gated, b_out is not None, inference, dropout_p, col0, width)
     ctx.save_for_backward(x, w_in, b_in, w_out, output[1], output[2], seed)
 
 
 def _mlp_bwd(ctx: Any, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple[Tensor | None, ...]:
-    activation, gated, has_b_out, inference, dropout_p = ctx.meta
+    activation, gated, has_b_out, inference, dropout_p, col0, width = ctx.meta
     if inference:
         raise RuntimeError("fusedmlp::mlp ran in inference mode (nothing saved), so it cannot run backward")
     x, w_in, b_in, w_out, pre, h, seed = ctx.saved_tensors
     if higher_order.wants_graph():
-        drop = _seeded(seed, dropout_p, w_out)
+        drop = _seeded(seed, dropout_p, w_out, col0, width)
         grads = _mlp_grads_graph(dy, x, w_in, b_in, w_out, activation, gated, has_b_out, drop)
-        return (*grads, None, None, None, None, None, None)
-    grads = mlp_backward(dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed)
+        return (*grads, None, None, None, None, None, None, None, None)
+    grads = mlp_backward(
+        dy, x, w_in, b_in, w_out, pre, h, activation, gated, has_b_out, dropout_p, seed, col0, width
+    )
     dx, dw_in, db_in, dw_out, db_out = grads
     db_in_ = db_in if b_in is not None else None
-    return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, None, None, None, None, None, None)
+    nones = (None,) * 8
+    return (dx, dw_in, db_in_, dw_out, db_out if has_b_out else None, *nones)
 
 
 mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
