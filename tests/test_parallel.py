@@ -155,7 +155,7 @@ def _tp_worker(rank, world, tmp):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     from fusedmlp.parallel import FusedMLPParallel
 
@@ -177,13 +177,7 @@ def _tp_worker(rank, world, tmp):
 
     # state_dict: keys and placements of the unfused module under Colwise/Rowwise, no collective
     unfused = _models()[0]
-    plan = {
-        f"{i}.mlp.{n}": ColwiseParallel()
-        for i, names in ((0, ("gate_proj", "up_proj")), (1, ("fc1",)))
-        for n in names
-    }
-    plan.update({"0.mlp.down_proj": RowwiseParallel(), "1.mlp.fc2": RowwiseParallel()})
-    parallelize_module(unfused, mesh, plan)
+    parallelize_module(unfused, mesh, _torch_plan())
     with CommDebugMode() as comm:
         sd = fused.state_dict()
     assert comm.get_total_counts() == 0, comm.get_comm_counts()
@@ -533,7 +527,7 @@ def _fsdp_worker(rank, world, tmp):
 def _two_d_worker(rank, world, tmp):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     from fusedmlp.parallel import FusedMLPParallel, fsdp_shard_placement
 
@@ -544,14 +538,7 @@ def _two_d_worker(rank, world, tmp):
     place = fsdp_shard_placement(fused)
     for block in fused:
         fully_shard(block, mesh=mesh["dp"], shard_placement_fn=place)
-    plan = {
-        "0.mlp.gate_proj": ColwiseParallel(),
-        "0.mlp.up_proj": ColwiseParallel(),
-        "0.mlp.down_proj": RowwiseParallel(),
-        "1.mlp.fc1": ColwiseParallel(),
-        "1.mlp.fc2": RowwiseParallel(),
-    }
-    parallelize_module(eager, mesh["tp"], plan)
+    parallelize_module(eager, mesh["tp"], _torch_plan())
     for block in eager:
         block.inplace = False
         fully_shard(block, mesh=mesh["dp"])

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..numerics import ContractCheck, check_contract
 from .find import Candidate
-from .verify import PROOF_SEED, Proof, modes_restored
+from .verify import PROOF_SEED, Proof, forward_backward, modes_restored
 
 # The wiring check compares the same math on the same shards, but a wrong layout (a rank's rows
 # summed twice, a gradient n times too large) misses by O(1): atol = 2% of the largest value.
@@ -89,22 +89,8 @@ def _gathered(block: nn.Module) -> nn.Module:
     return copy_
 
 
-def _run(module: nn.Module, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
-    """Output, input gradient and weight gradients (under the unfused names, gathered)."""
-    x = x.detach().clone().requires_grad_()
-    with torch.enable_grad():
-        y = module(x)
-        y.backward(grad_y.to(y.dtype))
-    source_grads = getattr(module, "source_grads", None)
-    grads = source_grads() if source_grads else {n: p.grad for n, p in module.named_parameters()}
-    full = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items() if g is not None}
-    module.zero_grad(set_to_none=True)
-    y = y.full_tensor() if isinstance(y, DTensor) else y
-    return {"y": y.detach(), "dx": x.grad, **{f"d {n}": g for n, g in full.items()}}  # type: ignore[dict-item]
-
-
 def _wiring(block: nn.Module, cand: nn.Module, x: Tensor, grad_y: Tensor) -> list[ContractCheck] | None:
-    got, want = _run(cand, x, grad_y), _run(block, x, grad_y)
+    got, want = forward_backward(cand, x, grad_y), forward_backward(block, x, grad_y)
     if list(got) != list(want) or any(got[k].shape != want[k].shape for k in want):
         return None
     eps = torch.finfo(x.dtype).eps

@@ -156,17 +156,27 @@ def _check(name: str, eager: nn.Module, cand: nn.Module, x: Tensor) -> ContractC
     return check_contract(name, cand(x), eager(x), reference(x.double()), ATOL_EPS)
 
 
-def _forward_backward(module: nn.Module, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
+def _whole(t: Tensor) -> Tensor:
+    """A copy of ``t``, gathered to the full tensor when sharded (DTensor)."""
+    full_tensor = getattr(t, "full_tensor", None)  # DTensor
+    return full_tensor() if full_tensor is not None else t.clone()
+
+
+def forward_backward(module: nn.Module, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
     """Output, input gradient and parameter gradients, the latter under the replaced module's
-    names (``source_grads`` of a fused module). Clears the gradients it made: a FusedLinearAct
-    shares its projection with the block it was built from."""
+    names (``source_grads`` of a fused module), sharded ones gathered. Clears the gradients it
+    made: a FusedLinearAct shares its projection with the block it was built from."""
     x = x.detach().clone().requires_grad_()
     with torch.enable_grad():
         y = module(x)
         y.backward(grad_y.to(y.dtype))
     source_grads = getattr(module, "source_grads", None)
     grads = source_grads() if source_grads else {n: p.grad for n, p in module.named_parameters()}
-    out = {"y": y.detach(), "dx": x.grad, **{f"d {n}": g.clone() for n, g in grads.items() if g is not None}}
+    out = {
+        "y": _whole(y.detach()),
+        "dx": x.grad,
+        **{f"d {n}": _whole(g) for n, g in grads.items() if g is not None},
+    }
     module.zero_grad(set_to_none=True)
     return out
 
@@ -179,8 +189,8 @@ def _check_with_grads(
     with torch.no_grad():
         shape = eager(x).shape
     grad_y = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float64)
-    c, e = _forward_backward(cand, x, grad_y), _forward_backward(eager, x, grad_y)
-    r = _forward_backward(reference, x.double(), grad_y)
+    c, e = forward_backward(cand, x, grad_y), forward_backward(eager, x, grad_y)
+    r = forward_backward(reference, x.double(), grad_y)
     if list(c) != list(e):
         raise ValueError(f"gradients differ in which tensors they cover: {list(c)} vs {list(e)}")
     return [check_contract(f"{name}: {k}", c[k], e[k], r[k], ATOL_EPS) for k in e]
