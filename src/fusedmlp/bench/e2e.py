@@ -45,15 +45,30 @@ MODELS: dict[str, Model] = {
     "bert-base": Model("bert", {}, 32, 512, task="masked"),
     "qwen2-0.5b-like": Model(
         "qwen2",
-        {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 8, "num_attention_heads": 14,
-         "num_key_value_heads": 2, "vocab_size": 151936},
-        8, 2048,
+        {
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+        },
+        8,
+        2048,
     ),
     "llama3-8b-2layers": Model(
         "llama",
-        {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2, "num_attention_heads": 32,
-         "num_key_value_heads": 8, "vocab_size": 128256},
-        2, 2048, decode=True,
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+        },
+        2,
+        2048,
+        decode=True,
     ),
 }
 
@@ -191,5 +206,11 @@ def run_model(key: str, variants: tuple[str, ...], train: bool, device: str = "c
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    return {"model": key, "type": spec.model_type, "sizes": spec.sizes, "batch": spec.batch, "seq": spec.seq,
-            "variants": results}
+    return {
+        "model": key,
+        "type": spec.model_type,
+        "sizes": spec.sizes,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "variants": results,
+    }

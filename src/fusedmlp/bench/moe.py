@@ -29,23 +29,9 @@ def run_case(
     dev = torch.device(device)
     variants, x = moe.build(preset, names, dev, dtype, kind)
     ref = moe.reference(preset, x, kind)
-    results: dict[str, Any] = {}
     fused = next((v.module for v in variants if v.name == "fusedmlp"), None)
     weight_bytes = sum(p.numel() * p.element_size() for p in (fused or variants[0].module).parameters())
-    for v in variants:
-        if v.module is None:
-            results[v.name] = {"skipped": v.note.removeprefix("skipped: ")}
-            continue
-        try:
-            results[v.name] = run.measure(
-                preset, v.module, v.name, x, ref, dtype, peaks, weight_bytes, train, device
-            )
-        except Exception as e:  # one failing variant must not sink the run: recorded, reported
-            results[v.name] = {
-                "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            }
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    results = run.measure_all(preset, variants, x, ref, dtype, peaks, weight_bytes, train, device)
     run.ratios(results, eager="hf", compiled="compile")
     act = "gpt_oss_swiglu" if preset.model_type == "gpt_oss" else "silu"
     del variants, x, ref, fused

@@ -74,18 +74,8 @@ def run_case(
         ref = ref_mod(x.double())
     del ref_mod
     weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
-    results: dict[str, Any] = {}
-    for variant in V.build(preset, variants, eager, x):
-        name, fn = variant.name, variant.module
-        if fn is None:
-            results[name] = {"skipped": variant.note.removeprefix("skipped: ")}
-            continue
-        try:
-            results[name] = measure(preset, fn, name, x, ref, dtype, peaks, weight_bytes, train, device)
-        except Exception as e:  # one failing variant must not sink the run: recorded, reported
-            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+    built = V.build(preset, variants, eager, x)
+    results = measure_all(preset, built, x, ref, dtype, peaks, weight_bytes, train, device)
     ratios(results)
     return {
         "preset": preset.name,
@@ -100,6 +90,37 @@ def run_case(
         "weight_bytes": weight_bytes,
         "variants": results,
     }
+
+
+def measure_all(
+    preset: Preset | MoEPreset,
+    variants: list[V.Variant],
+    x: Tensor,
+    ref: Tensor,
+    dtype: torch.dtype,
+    peaks: dict[str, float] | None,
+    weight_bytes: int,
+    train: bool,
+    device: str,
+) -> dict[str, Any]:
+    """:func:`measure` for each variant: a skipped one says why, a failing one records its error
+    (one failing variant must not sink the run)."""
+    results: dict[str, Any] = {}
+    for v in variants:
+        if v.module is None:
+            results[v.name] = {"skipped": v.note.removeprefix("skipped: ")}
+            continue
+        try:
+            results[v.name] = measure(
+                preset, v.module, v.name, x, ref, dtype, peaks, weight_bytes, train, device
+            )
+        except Exception as e:
+            results[v.name] = {
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            }
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    return results
 
 
 def measure(
