@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import DEVICE, assert_contract
 
+from fusedmlp import reference
 from fusedmlp.activations import Activation
 
 grouped = pytest.importorskip("fusedmlp.kernels.grouped")
@@ -61,8 +62,8 @@ def _gate_up_case(N, D, H, E, dtype, bias, scale=1.0):
 
 def _check_gate_up(x, w, b, offsets, activation, gpt_oss=None, store_pre=True):
     h, pre = grouped.grouped_gate_up_act(x, w, b, offsets, activation, gpt_oss=gpt_oss, store_pre=store_pre)
-    e_h, e_pre = grouped.grouped_gate_up_act_reference(x, w, b, offsets, activation, gpt_oss=gpt_oss)
-    r_h, r_pre = grouped.grouped_gate_up_act_reference(
+    e_h, e_pre = reference.grouped_gate_up_act(x, w, b, offsets, activation, gpt_oss=gpt_oss)
+    r_h, r_pre = reference.grouped_gate_up_act(
         x.double(), w.double(), _d(b), offsets, activation, gpt_oss=gpt_oss
     )
     assert h.dtype == x.dtype and h.shape == r_h.shape
@@ -129,8 +130,8 @@ def test_gate_up_strided_input_and_out():
     h, _ = grouped.grouped_gate_up_act(x, w, None, _offsets(counts), Activation.SILU, out=out)
     assert h.data_ptr() == out.data_ptr()
     assert not big[:, 4 : 4 + H].isnan().any() and big[:, :4].isnan().all() and big[:, 4 + H :].isnan().all()
-    e_h, _ = grouped.grouped_gate_up_act_reference(x, w, None, _offsets(counts), Activation.SILU)
-    r_h, _ = grouped.grouped_gate_up_act_reference(x.double(), w.double(), None, _offsets(counts), "silu")
+    e_h, _ = reference.grouped_gate_up_act(x, w, None, _offsets(counts), Activation.SILU)
+    r_h, _ = reference.grouped_gate_up_act(x.double(), w.double(), None, _offsets(counts), "silu")
     assert_contract("h", h, e_h, r_h)
 
 
@@ -145,8 +146,8 @@ def _matmul_case(N, K, Nout, E, dtype, trans_b, bias, scale_dtype):
 
 def _check_matmul(a, b, offsets, trans_b, bias, scale, out=None):
     c = grouped.grouped_matmul(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=scale, out=out)
-    e_c = grouped.grouped_matmul_reference(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=scale)
-    r_c = grouped.grouped_matmul_reference(
+    e_c = reference.grouped_matmul(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=scale)
+    r_c = reference.grouped_matmul(
         a.double(), b.double(), offsets, trans_b=trans_b, bias=_d(bias), row_scale=_d(scale)
     )
     assert c.dtype == a.dtype
@@ -209,8 +210,8 @@ def test_matmul_scatter_rows(trans_b):
     a, b, bias, s = _matmul_case(N, 24, 37, 5, torch.bfloat16, trans_b, True, torch.float32)
     perm, off = torch.randperm(N, device=DEVICE), _offsets(counts)
     c = grouped.grouped_matmul(a, b, off, trans_b=trans_b, bias=bias, row_scale=s, scatter_rows=perm)
-    e_c = grouped.grouped_matmul_reference(a, b, off, trans_b=trans_b, bias=bias, row_scale=s)
-    r_c = grouped.grouped_matmul_reference(
+    e_c = reference.grouped_matmul(a, b, off, trans_b=trans_b, bias=bias, row_scale=s)
+    r_c = reference.grouped_matmul(
         a.double(), b.double(), off, trans_b=trans_b, bias=_d(bias), row_scale=_d(s)
     )
     assert_contract("c", c[perm], e_c, r_c)
@@ -228,15 +229,15 @@ def test_weight_and_bias_grad(routing, dtype):
     offsets = _offsets(counts)
     dw = grouped.grouped_weight_grad(a, b, offsets, E)
     assert dw.shape == (E, Ka, 37) and dw.dtype == dtype
-    e_dw = grouped.grouped_weight_grad_reference(a, b, offsets, E)
-    r_dw = grouped.grouped_weight_grad_reference(a.double(), b.double(), offsets, E)
+    e_dw = reference.grouped_weight_grad(a, b, offsets, E)
+    r_dw = reference.grouped_weight_grad(a.double(), b.double(), offsets, E)
     assert_contract("dw", dw, e_dw, r_dw)
     empty = [e for e, c in enumerate(counts) if c == 0]
     assert (dw[empty] == 0).all()
     db = grouped.grouped_bias_grad(b, offsets, E)
     assert db.shape == (E, 37) and db.dtype == dtype
-    e_db = grouped.grouped_bias_grad_reference(b, offsets, E)
-    r_db = grouped.grouped_bias_grad_reference(b.double(), offsets, E)
+    e_db = reference.grouped_bias_grad(b, offsets, E)
+    r_db = reference.grouped_bias_grad(b.double(), offsets, E)
     assert_contract("db", db, e_db, r_db)
     assert (db[empty] == 0).all()
 
@@ -247,10 +248,10 @@ def test_gate_up_weight_grad_layout():
     counts = [10, 0, 14]
     x = torch.randn(sum(counts), D, device=DEVICE, requires_grad=True)
     w = torch.randn(E, 2, H, D, device=DEVICE, requires_grad=True)
-    h, _ = grouped.grouped_gate_up_act_reference(x, w, None, _offsets(counts), Activation.SILU)
+    h, _ = reference.grouped_gate_up_act(x, w, None, _offsets(counts), Activation.SILU)
     dh = torch.randn_like(h)
     h.backward(dh)
-    _, pre = grouped.grouped_gate_up_act_reference(x.detach(), w.detach(), None, _offsets(counts), "silu")
+    _, pre = reference.grouped_gate_up_act(x.detach(), w.detach(), None, _offsets(counts), "silu")
     gate, up = pre.chunk(2, -1)
     d_pre = torch.cat([Activation.SILU.backward(dh * up, gate), dh * Activation.SILU(gate)], -1)
     dw = grouped.grouped_weight_grad(d_pre, x.detach(), _offsets(counts), E).view(E, 2, H, D)
@@ -276,13 +277,13 @@ def test_float64_takes_the_reference():
     counts = [5, 0, 9]
     x, w, b = _gate_up_case(14, 8, 6, 3, torch.float64, bias=True)
     h, pre = grouped.grouped_gate_up_act(x, w, b, _offsets(counts), "silu", store_pre=True)
-    r_h, r_pre = grouped.grouped_gate_up_act_reference(x, w, b, _offsets(counts), "silu")
+    r_h, r_pre = reference.grouped_gate_up_act(x, w, b, _offsets(counts), "silu")
     assert torch.equal(h, r_h) and torch.equal(pre, r_pre)
     kw = {"trans_b": True, "bias": b[:, 0]}
     c = grouped.grouped_matmul(x, w[:, 1], _offsets(counts), **kw)
-    assert torch.equal(c, grouped.grouped_matmul_reference(x, w[:, 1], _offsets(counts), **kw))
+    assert torch.equal(c, reference.grouped_matmul(x, w[:, 1], _offsets(counts), **kw))
     dw = grouped.grouped_weight_grad(x, h, _offsets(counts), 3)
-    assert torch.equal(dw, grouped.grouped_weight_grad_reference(x, h, _offsets(counts), 3))
+    assert torch.equal(dw, reference.grouped_weight_grad(x, h, _offsets(counts), 3))
 
 
 @needs_kernels
@@ -294,7 +295,7 @@ def test_offsets_out_of_range_stay_in_bounds():
     bad = torch.tensor([0, 6, 2, N + 1000], dtype=torch.int64, device=DEVICE)
     h, _ = grouped.grouped_gate_up_act(x, w, None, bad, Activation.SILU)
     good = torch.tensor([0, 6, 6, N], dtype=torch.int64, device=DEVICE)  # what the clamps make of it
-    r_h, _ = grouped.grouped_gate_up_act_reference(x, w, None, good, Activation.SILU)
+    r_h, _ = reference.grouped_gate_up_act(x, w, None, good, Activation.SILU)
     torch.testing.assert_close(h[:2], r_h[:2])
     torch.testing.assert_close(h[6:], r_h[6:])
     dw = grouped.grouped_weight_grad(x, h, bad, 3)
@@ -364,7 +365,7 @@ def test_no_host_sync(monkeypatch):
         c = grouped.grouped_matmul(h, w[:, 0], offsets, trans_b=False, row_scale=scale)
         dw = grouped.grouped_weight_grad(pre, x, offsets, E)
         db = grouped.grouped_bias_grad(pre, offsets, E)
-    r_h, r_pre = grouped.grouped_gate_up_act_reference(x, w, b, offsets, Activation.SILU, gpt_oss=GPT_OSS)
+    r_h, r_pre = reference.grouped_gate_up_act(x, w, b, offsets, Activation.SILU, gpt_oss=GPT_OSS)
     for got, want in ((h, r_h), (pre, r_pre)):
         torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
     assert c.shape == (sum(counts), 24) and dw.shape == (E, 40, 24) and db.shape == (E, 40)

@@ -8,6 +8,8 @@ and dtypes the Triton kernels do not cover. Activations are taken resolved
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -147,3 +149,77 @@ def narrow_mlp_backward(
         dbs.append(dz.reshape(-1, dz.shape[-1]).sum(0))
         grad = dz @ w
     return grad, dws[::-1], dbs[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped (mixture-of-experts) GEMMs: rows offsets[e]..offsets[e+1] belong to expert e; one
+# expert at a time, every op in the inputs' dtype (run them in float64 for the ground truth).
+# They read the offsets on the host. kernels/grouped.py and ops/experts.py fall back to these.
+# ---------------------------------------------------------------------------------------------
+
+
+def gpt_oss_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's clamped SwiGLU, as its reference implementation computes it."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def _expert_bounds(offsets: Tensor) -> list[tuple[int, int]]:
+    return list(itertools.pairwise(offsets.tolist()))
+
+
+def grouped_gate_up_act(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    activation: Activation | str,
+    *,
+    gpt_oss: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(h [N, H], pre [N, 2H]): pre = x @ [Wg[e]; Wu[e]]^T + b[e] per expert, then the gated
+    activation of its two halves."""
+    H, D = w.shape[2], w.shape[3]
+    pre = x.new_zeros(x.shape[0], 2 * H)
+    for e, (lo, hi) in enumerate(_expert_bounds(offsets)):
+        b = bias[e].reshape(2 * H) if bias is not None else None
+        pre[lo:hi] = F.linear(x[lo:hi], w[e].reshape(2 * H, D), b)
+    gate, up = pre.chunk(2, dim=-1)
+    h = gpt_oss_swiglu(gate, up, *gpt_oss) if gpt_oss is not None else resolve(activation)(gate) * up
+    return h, pre
+
+
+def grouped_matmul(
+    a: Tensor,
+    b: Tensor,
+    offsets: Tensor,
+    *,
+    trans_b: bool,
+    bias: Tensor | None = None,
+    row_scale: Tensor | None = None,
+) -> Tensor:
+    """c [N, Nout]: c[rows_e] = a[rows_e] @ (b[e]^T if trans_b else b[e]) + bias[e], times
+    row_scale per row."""
+    c = a.new_zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2])
+    for e, (lo, hi) in enumerate(_expert_bounds(offsets)):
+        c[lo:hi] = a[lo:hi] @ (b[e].T if trans_b else b[e])
+        if bias is not None:
+            c[lo:hi] += bias[e]
+    return c if row_scale is None else (c * row_scale[:, None]).to(a.dtype)
+
+
+def grouped_weight_grad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+    """out [E, Ka, Kb]: out[e] = a[rows_e]^T @ b[rows_e]."""
+    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
+    for e, (lo, hi) in enumerate(_expert_bounds(offsets)):
+        out[e] = a[lo:hi].T @ b[lo:hi]
+    return out
+
+
+def grouped_bias_grad(g: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+    """out [E, C]: out[e] = the sum of g[rows_e]."""
+    out = g.new_zeros(num_experts, g.shape[1])
+    for e, (lo, hi) in enumerate(_expert_bounds(offsets)):
+        out[e] = g[lo:hi].sum(0)
+    return out

@@ -34,7 +34,7 @@ completeness and are checked under the interpreter only.
 
 Dispatch: the kernels serve fp16, bf16 and fp32 tensors on CUDA, and on the CPU under Triton's
 interpreter (how CI runs them; :func:`kernels_serve`). Anything else (float64, a CPU without the
-interpreter) runs the ``*_reference`` functions below, which loop over the experts on the host
+interpreter) runs the grouped references in fusedmlp/reference.py, which loop over the experts on the host
 and so read ``offsets`` there (a synchronisation on a GPU).
 
 Configs are fixed (no autotuning): BLOCK_N 128, BLOCK_K 64 (32 for fp32, to fit 3 stages in
@@ -52,15 +52,14 @@ of spill stores (gemm_act.py's gated kernel: 250-255, 0-32), the others 110-226 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import reference
 from ..activations import Activation, resolve
 from . import INTERPRETING
 from .epilogue import act
@@ -70,79 +69,6 @@ from .profile import KernelProfile
 from .runtime import cdiv, dot_precision, mma, next_power_of_2, to_storage
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# ---------------------------------------------------------------------------------------------
-# eager references: one expert at a time, every op in the inputs' dtype (run them in float64
-# for the ground truth). They read offsets on the host.
-# ---------------------------------------------------------------------------------------------
-
-
-def gpt_oss_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
-    """gpt-oss's clamped SwiGLU, as its reference implementation computes it."""
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return gate * torch.sigmoid(alpha * gate) * (up + 1)
-
-
-def _bounds(offsets: Tensor) -> list[tuple[int, int]]:
-    return list(itertools.pairwise(offsets.tolist()))
-
-
-def grouped_gate_up_act_reference(
-    x: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    offsets: Tensor,
-    activation: Activation | str,
-    *,
-    gpt_oss: tuple[float, float] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(h [N, H], pre [N, 2H]): pre = x @ [Wg[e]; Wu[e]]^T + b[e] per expert, then the gated
-    activation of its two halves."""
-    H, D = w.shape[2], w.shape[3]
-    pre = x.new_zeros(x.shape[0], 2 * H)
-    for e, (lo, hi) in enumerate(_bounds(offsets)):
-        b = bias[e].reshape(2 * H) if bias is not None else None
-        pre[lo:hi] = F.linear(x[lo:hi], w[e].reshape(2 * H, D), b)
-    gate, up = pre.chunk(2, dim=-1)
-    h = gpt_oss_swiglu(gate, up, *gpt_oss) if gpt_oss is not None else resolve(activation)(gate) * up
-    return h, pre
-
-
-def grouped_matmul_reference(
-    a: Tensor,
-    b: Tensor,
-    offsets: Tensor,
-    *,
-    trans_b: bool,
-    bias: Tensor | None = None,
-    row_scale: Tensor | None = None,
-) -> Tensor:
-    """c [N, Nout]: c[rows_e] = a[rows_e] @ (b[e]^T if trans_b else b[e]) + bias[e], times
-    row_scale per row."""
-    c = a.new_zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2])
-    for e, (lo, hi) in enumerate(_bounds(offsets)):
-        c[lo:hi] = a[lo:hi] @ (b[e].T if trans_b else b[e])
-        if bias is not None:
-            c[lo:hi] += bias[e]
-    return c if row_scale is None else (c * row_scale[:, None]).to(a.dtype)
-
-
-def grouped_weight_grad_reference(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
-    """out [E, Ka, Kb]: out[e] = a[rows_e]^T @ b[rows_e]."""
-    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
-    for e, (lo, hi) in enumerate(_bounds(offsets)):
-        out[e] = a[lo:hi].T @ b[lo:hi]
-    return out
-
-
-def grouped_bias_grad_reference(g: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
-    """out [E, C]: out[e] = the sum of g[rows_e]."""
-    out = g.new_zeros(num_experts, g.shape[1])
-    for e, (lo, hi) in enumerate(_bounds(offsets)):
-        out[e] = g[lo:hi].sum(0)
-    return out
-
 
 # ---------------------------------------------------------------------------------------------
 # device side
@@ -413,7 +339,7 @@ _INTERPRETER_TILES = {
 def kernels_serve(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the Triton kernels serve tensors of ``dtype`` on ``device`` (as
     ``ops.dispatch.use_triton``): fp16/bf16/fp32 on CUDA, or on the CPU under Triton's
-    interpreter. Everything else takes the ``*_reference`` functions."""
+    interpreter. Everything else takes the grouped references in fusedmlp/reference.py."""
     if dtype not in KERNEL_DTYPES:
         return False
     return device.type == "cuda" or (INTERPRETING and device.type == "cpu")
@@ -564,7 +490,7 @@ def grouped_gate_up_act(
     if N == 0 or H == 0:
         return h, pre
     if not kernels_serve(x.dtype, x.device):
-        r_h, r_pre = grouped_gate_up_act_reference(x, w, bias, offsets, activation, gpt_oss=gpt_oss)
+        r_h, r_pre = reference.grouped_gate_up_act(x, w, bias, offsets, activation, gpt_oss=gpt_oss)
         h.copy_(r_h)
         if pre is not None:
             pre.copy_(r_pre)
@@ -651,7 +577,7 @@ def grouped_matmul(
     if N == 0 or n_out == 0:
         return c
     if not kernels_serve(a.dtype, a.device):
-        ref = grouped_matmul_reference(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=row_scale)
+        ref = reference.grouped_matmul(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=row_scale)
         if scatter_rows is None:
             c.copy_(ref)
         else:
@@ -697,7 +623,7 @@ def grouped_weight_grad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int)
     N, Ka = a.shape
     Kb = b.shape[1]
     if not kernels_serve(a.dtype, a.device):
-        return grouped_weight_grad_reference(a, b, offsets, num_experts)
+        return reference.grouped_weight_grad(a, b, offsets, num_experts)
     out = torch.empty((num_experts, Ka, Kb), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
@@ -720,7 +646,7 @@ def grouped_bias_grad(g: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
     _check_offsets(offsets, num_experts, g.device)
     N, C = g.shape
     if not kernels_serve(g.dtype, g.device):
-        return grouped_bias_grad_reference(g, offsets, num_experts)
+        return reference.grouped_bias_grad(g, offsets, num_experts)
     out = torch.empty((num_experts, C), dtype=g.dtype, device=g.device)
     if out.numel() == 0:
         return out

@@ -15,11 +15,9 @@ elsewhere a loop over experts in torch, the reference.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -42,9 +40,7 @@ class ExpertActivation:
     def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
         if self.gpt_oss is None:
             return reference.gated_act(gate, up, self.act)
-        alpha, limit = self.gpt_oss
-        g = gate.clamp(max=limit)
-        return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
+        return reference.gpt_oss_swiglu(gate, up, *self.gpt_oss)
 
     def describe(self) -> str:
         return "gpt_oss_swiglu" if self.gpt_oss is not None else self.act.value
@@ -88,62 +84,16 @@ def route(top_k_index: Tensor, top_k_weights: Tensor, num_experts: int) -> Routi
 
 
 # ---------------------------------------------------------------------------------------------
-# the grouped GEMMs: kernels where Triton runs, else these torch loops (the reference)
+# the grouped GEMMs: kernels where Triton runs, else the torch loops of fusedmlp/reference.py
 # ---------------------------------------------------------------------------------------------
-
-
-def _segments(offsets: Tensor) -> list[tuple[int, int, int]]:
-    return [(e, lo, hi) for e, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())) if hi > lo]
-
-
-def gate_up_act_reference(
-    x: Tensor, w: Tensor, bias: Tensor | None, offsets: Tensor, act: ExpertActivation
-) -> tuple[Tensor, Tensor]:
-    """(h [A, H], pre [A, 2H]) for w [E, 2, H, D], in x's dtype, expert by expert."""
-    H = w.shape[2]
-    pre = x.new_empty(x.shape[0], 2 * H)
-    for e, lo, hi in _segments(offsets):
-        pre[lo:hi] = F.linear(x[lo:hi], w[e].flatten(0, 1), None if bias is None else bias[e].flatten())
-    return act(pre[:, :H], pre[:, H:]), pre
-
-
-def matmul_reference(
-    a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Tensor | None = None,
-    row_scale: Tensor | None = None,
-) -> Tensor:
-    """c[rows_e] = (a[rows_e] @ (b[e]^T if trans_b else b[e]) + bias[e]) * row_scale[rows]."""
-    n_out = b.shape[1] if trans_b else b.shape[2]
-    c = a.new_zeros(a.shape[0], n_out)
-    for e, lo, hi in _segments(offsets):
-        be = b[e].t() if trans_b else b[e]
-        ce = a[lo:hi] @ be
-        if bias is not None:
-            ce = ce + bias[e]
-        c[lo:hi] = ce
-    if row_scale is not None:
-        c = c * row_scale[:, None].to(c.dtype)
-    return c
-
-
-def weight_grad_reference(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
-    """out[e] = a[rows_e]^T @ b[rows_e]."""
-    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
-    for e, lo, hi in _segments(offsets):
-        out[e] = a[lo:hi].t() @ b[lo:hi]
-    return out
 
 
 def segment_sum(g: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
     """[E, cols]: the sum of each expert's rows of g, accumulated in fp32 (the bias gradients)."""
     k = _kernels(g)
-    if k is not None:
-        return k.grouped_bias_grad(g, offsets, num_experts)
-    counts = offsets[1:] - offsets[:-1]
-    experts = torch.arange(num_experts, device=g.device)
-    expert = torch.repeat_interleave(experts, counts, output_size=g.shape[0])
-    acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
-    sums = torch.zeros(num_experts, g.shape[1], dtype=acc, device=g.device).index_add_(0, expert, g.to(acc))
-    return sums.to(g.dtype)
+    if k is None:
+        return reference.grouped_bias_grad(g, offsets, num_experts)
+    return k.grouped_bias_grad(g, offsets, num_experts)
 
 
 def _kernels(*tensors: Tensor | None) -> Any:
@@ -163,7 +113,7 @@ def _gate_up_act(x: Tensor, w: Tensor, bias: Tensor | None, offsets: Tensor, act
                  store_pre: bool) -> tuple[Tensor, Tensor | None]:
     k = _kernels(x, w, bias)
     if k is None:
-        h, pre = gate_up_act_reference(x, w, bias, offsets, act)
+        h, pre = reference.grouped_gate_up_act(x, w, bias, offsets, act.act, gpt_oss=act.gpt_oss)
         return h, pre if store_pre else None
     return k.grouped_gate_up_act(x, w, bias, offsets, act.act, gpt_oss=act.gpt_oss, store_pre=store_pre)
 
@@ -173,7 +123,7 @@ def _matmul(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Tensor |
     """The grouped GEMM; with ``scatter_rows`` (a permutation), row r lands at scatter_rows[r]."""
     k = _kernels(a, b, bias)
     if k is None:
-        c = matmul_reference(a, b, offsets, trans_b, bias, row_scale)
+        c = reference.grouped_matmul(a, b, offsets, trans_b=trans_b, bias=bias, row_scale=row_scale)
         if scatter_rows is None:
             return c
         out = torch.empty_like(c)
@@ -187,7 +137,7 @@ def _matmul(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, bias: Tensor |
 def _weight_grad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
     k = _kernels(a, b)
     if k is None:
-        return weight_grad_reference(a, b, offsets, num_experts)
+        return reference.grouped_weight_grad(a, b, offsets, num_experts)
     return k.grouped_weight_grad(a, b, offsets, num_experts)
 
 
@@ -290,9 +240,9 @@ def experts_reference(
     H = w_gu.shape[2]
     xs = x[routing.token]
     b_in = None if b_gu is None else b_gu.flatten(1)
-    pre = matmul_reference(xs, w_gu.flatten(1, 2), routing.offsets, True, b_in)
+    pre = reference.grouped_matmul(xs, w_gu.flatten(1, 2), routing.offsets, trans_b=True, bias=b_in)
     h = act(pre[:, :H], pre[:, H:])
-    ys = matmul_reference(h, w_down, routing.offsets, True, b_down)
+    ys = reference.grouped_matmul(h, w_down, routing.offsets, trans_b=True, bias=b_down)
     weight = top_k_weights.reshape(-1)[routing.order] * routing.valid
     return torch.zeros_like(x).index_add_(0, routing.token, ys * weight[:, None].to(ys.dtype))
 
